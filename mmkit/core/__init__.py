@@ -1,0 +1,1 @@
+"""Shared core: model loaders, training loop, encoders, k-means. Nothing here knows a paper."""
