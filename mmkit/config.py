@@ -169,8 +169,14 @@ def _coerce(value: Any, ftype: Any, dotted: str, source: str | None, lines: dict
     """Check ``value`` against ``ftype`` (with the usual YAML-friendly coercions)."""
     origin = typing.get_origin(ftype)
     args = typing.get_args(ftype)
-    if ftype is Any:
+    if ftype is Any or (isinstance(ftype, type) and not origin and isinstance(value, ftype)
+                        and not isinstance(value, bool)):
         return value
+    if dataclasses.is_dataclass(ftype):
+        if not isinstance(value, Mapping):
+            raise _error(f"expected a mapping of {', '.join(f.name for f in dataclasses.fields(ftype))}",
+                         dotted, source, lines)
+        return _build(ftype, value, dotted + ".", source, lines)
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None

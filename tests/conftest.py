@@ -46,7 +46,8 @@ os.environ.setdefault("HF_DATASETS_CACHE", str(_SESSION_TMP / "hf-datasets"))
 # Always a fresh mmkit cache: tests must never read or write the user's.
 os.environ["MMKIT_CACHE"] = str(_SESSION_TMP / "mmkit-cache")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if str(Path(__file__).resolve().parent) not in sys.path:  # for `import fixtures_models`
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 
@@ -80,7 +81,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     if BUILD_TIMES and config.getoption("verbose") > 0:
         total = sum(BUILD_TIMES.values())
         parts = ", ".join(f"{k} {v:.2f}s" for k, v in BUILD_TIMES.items())
-        terminalreporter.write_line(f"tiny fixtures built in {total:.2f}s ({parts})")
+        terminalreporter.write_line(f"tiny fixtures built in {total:.2f}s, the first one including "
+                                    f"transformers' lazy imports ({parts})")
 
 
 # ---------------------------------------------------------------- tiny models

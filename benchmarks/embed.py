@@ -1,0 +1,161 @@
+"""Benchmark: length-sorted vs input-order batching in ``mmkit.core.embed.encode_texts``.
+
+Encodes a seeded sample of ShareGPT instructions (``builtin:sharegpt``, offline) with the bundled
+all-MiniLM-L6-v2 (``bundled:minilm``) twice in one run, with the same batch size and the cache
+off: batches of texts sorted by token count (longest first, the default) and batches in input
+order (each padded to its longest text). It checks that both give the same embeddings, prints
+the speed-up ``unsorted_time / sorted_time`` and writes the section
+``## Text encoding (core/embed.py)`` of ``docs/performance.md`` (other sections are kept).
+
+    python benchmarks/embed.py [--n 2000] [--batch-size 128] [--repeats 1] [--seed 0] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from mmkit.core import embed as E  # noqa: E402
+from mmkit.core.data import (input_order_batches, length_sorted_batches,  # noqa: E402
+                             tokenize_flat)
+
+HEADING = "## Text encoding (core/embed.py)"
+GOAL = 1.5
+
+
+def machine_info() -> str:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (f"{cpu}, {cores} cores available, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"transformers {transformers.__version__}, Python {platform.python_version()}, "
+            f"{platform.system()} {platform.release()}")
+
+
+def sample_texts(n: int, seed: int) -> list[str]:
+    from mmkit.io import read_records
+
+    texts = [r["instruction"] for r in read_records("builtin:sharegpt")]
+    if n > len(texts):
+        raise SystemExit(f"--n {n} is more than the {len(texts)} ShareGPT instructions available")
+    idx = np.random.default_rng(seed).choice(len(texts), size=n, replace=False)
+    return [texts[i] for i in idx]
+
+
+def padded_tokens(lengths: np.ndarray, batches: list[np.ndarray]) -> int:
+    return int(sum(len(b) * lengths[b].max() for b in batches))
+
+
+def write_section(path: Path, body: str) -> None:
+    """Replace (or append) this benchmark's section, re-reading the file right before writing."""
+    from mmkit.io import atomic_write
+
+    section = f"{HEADING}\n\n{body.strip()}\n"
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
+    if start is None:
+        new = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+        after = "".join(lines[end:])
+        new = "".join(lines[:start]) + section + ("\n" + after if after else "")
+    with atomic_write(path) as fh:
+        fh.write(new)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=2000, help="number of ShareGPT instructions (default 2000)")
+    ap.add_argument("--batch-size", type=int, default=128, help="texts per batch (default 128)")
+    ap.add_argument("--repeats", type=int, default=1, help="timed runs of each mode; the best is kept")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    ap.add_argument("--model", default="bundled:minilm", help="encoder (default bundled:minilm)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "performance.md"), help="markdown file to update")
+    ap.add_argument("--no-write", action="store_true", help="print only; do not touch the markdown file")
+    args = ap.parse_args(argv)
+
+    from mmkit.core.models import load_model
+
+    texts = sample_texts(args.n, args.seed)
+    loaded = load_model(args.model, "encoder", device="cpu")
+    common = dict(loaded=loaded, batch_size=args.batch_size, use_cache=False, progress=False)
+
+    # Padding statistics (what sorting saves), from the same tokenisation encode_texts does.
+    length = E.resolve_max_length(loaded.path, loaded.model.config, loaded.preprocessor, None)
+    lengths = tokenize_flat(loaded.preprocessor, texts, max_length=length).lengths
+    real = int(lengths.sum())
+    pad_sorted = padded_tokens(lengths, length_sorted_batches(lengths, args.batch_size))
+    pad_unsorted = padded_tokens(lengths, input_order_batches(len(texts), args.batch_size))
+
+    # Warm-up (thread pools, kernels), then both modes side by side.
+    warm = texts[: min(len(texts), 2 * args.batch_size)]
+    E.encode_texts(warm, sorted_by_length=True, **common)
+    E.encode_texts(warm, sorted_by_length=False, **common)
+    times = {True: [], False: []}
+    out = {}
+    for _ in range(args.repeats):
+        for mode in (True, False):
+            t0 = time.perf_counter()
+            out[mode] = E.encode_texts(texts, sorted_by_length=mode, **common)
+            times[mode].append(time.perf_counter() - t0)
+    t_sorted, t_unsorted = min(times[True]), min(times[False])
+    diff = float(np.abs(out[True] - out[False]).max())
+    ratio = t_unsorted / t_sorted
+    ok_equal = diff < 1e-4
+
+    info = machine_info()
+    print(f"machine: {info}")
+    print(f"texts: {len(texts)} ShareGPT instructions (seed {args.seed}), model {args.model}, "
+          f"max length {length}, batch size {args.batch_size}")
+    print(f"tokens: {real:,} real; padded to {pad_sorted:,} sorted vs {pad_unsorted:,} unsorted")
+    print(f"sorted   {t_sorted:8.2f} s  ({len(texts) / t_sorted:7.1f} texts/s)")
+    print(f"unsorted {t_unsorted:8.2f} s  ({len(texts) / t_unsorted:7.1f} texts/s)")
+    print(f"speed-up unsorted/sorted = {ratio:.2f}x (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})")
+    print(f"max |sorted - unsorted| = {diff:.2e} ({'ok' if ok_equal else 'MISMATCH'}, limit 1e-4)")
+
+    if not args.no_write:
+        body = f"""
+`python benchmarks/embed.py --n {args.n} --batch-size {args.batch_size}` encodes {len(texts):,} ShareGPT
+instructions (`builtin:sharegpt`, seeded sample, seed {args.seed}) with `{args.model}`
+(all-MiniLM-L6-v2, max length {length}), cache off, on the CPU, once with batches sorted by token
+count (longest first, `encode_texts`' default) and once with batches in input order, both with
+batch size {args.batch_size}, after a warm-up, in the same process. Best of {args.repeats} run(s) each.
+
+| | batches sorted by length | batches in input order |
+|---|---|---|
+| time | {t_sorted:.2f} s | {t_unsorted:.2f} s |
+| texts/s | {len(texts) / t_sorted:.1f} | {len(texts) / t_unsorted:.1f} |
+| tokens run (incl. padding) | {pad_sorted:,} | {pad_unsorted:,} |
+
+- Real tokens: {real:,}; padding is {100 * (pad_sorted - real) / pad_sorted:.1f}% of the sorted
+  batches and {100 * (pad_unsorted - real) / pad_unsorted:.1f}% of the input-order batches.
+- **Speed-up (input-order time / sorted time): {ratio:.2f}x** (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'not met'}).
+- Same embeddings either way: max absolute difference {diff:.1e} (limit 1e-4).
+- Machine: {info}.
+"""
+        write_section(Path(args.out), body)
+        print(f"wrote the section {HEADING!r} of {args.out}")
+    return 0 if ok_equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
