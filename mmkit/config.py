@@ -31,13 +31,14 @@ def load_config(
     """Build ``cls`` from its defaults, a YAML file, flags (dotted keys; ``None`` = not given)
     and ``--set key=value`` strings, in that order of precedence (last wins)."""
     values: dict[str, Any] = {}
-    lines: dict[str, int] = {}
+    lines: dict[str, int | str] = {}  # dotted key -> YAML line, "flag" or "set" (the last source)
     if file is not None:
         data, lines = _read_yaml(Path(file))
         _merge(values, data)
     for key, value in (flags or {}).items():
         if value is not None:
             _merge(values, _nest(key, value))
+            lines[key] = "flag"
     for item in sets:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
@@ -47,7 +48,7 @@ def load_config(
         except yaml.YAMLError:
             value = raw
         _merge(values, _nest(key.strip(), value))
-        lines[key.strip()] = -1
+        lines[key.strip()] = "set"
     source = str(file) if file is not None else None
     return _build(cls, values, prefix="", source=source, lines=lines)
 
@@ -132,7 +133,7 @@ def _merge(into: dict[str, Any], new: Mapping[str, Any]) -> None:
 
 
 def _build(cls: type[C], values: Mapping[str, Any], prefix: str, source: str | None,
-           lines: dict[str, int]) -> C:
+           lines: dict[str, int | str]) -> C:
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
@@ -158,14 +159,17 @@ def _build(cls: type[C], values: Mapping[str, Any], prefix: str, source: str | N
     return cfg
 
 
-def _error(message: str, dotted: str, source: str | None, lines: dict[str, int]) -> ConfigError:
-    line = lines.get(dotted)
-    if line == -1:
+def _error(message: str, dotted: str, source: str | None, lines: dict[str, int | str]) -> ConfigError:
+    """Locate the error at the source that set ``dotted`` (or a key below it) last."""
+    origin = lines.get(dotted, next((v for k, v in lines.items() if k.startswith(dotted + ".")), None))
+    if origin == "set":
         return ConfigError(message, field=f"--set {dotted}")
-    return ConfigError(message, file=source if line else None, line=line, field=dotted)
+    if origin == "flag" or origin is None:
+        return ConfigError(message, field=dotted)
+    return ConfigError(message, file=source, line=origin, field=dotted)
 
 
-def _coerce(value: Any, ftype: Any, dotted: str, source: str | None, lines: dict[str, int]) -> Any:
+def _coerce(value: Any, ftype: Any, dotted: str, source: str | None, lines: dict[str, int | str]) -> Any:
     """Check ``value`` against ``ftype`` (with the usual YAML-friendly coercions)."""
     origin = typing.get_origin(ftype)
     args = typing.get_args(ftype)

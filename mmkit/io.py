@@ -63,9 +63,10 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pat
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -> int:
-    """Write records as JSONL atomically; returns how many were written."""
-    n = 0
-    with atomic_write(path) as fh:
+    """Write records as JSONL atomically (``-``: to stdout, for pipelines); returns the count."""
+    with contextlib.ExitStack() as stack:
+        fh = sys.stdout if str(path) == "-" else stack.enter_context(atomic_write(path))
+        n = 0
         for rec in records:
             fh.write(json.dumps(rec, ensure_ascii=False, default=_json_default) + "\n")
             n += 1
@@ -194,9 +195,12 @@ def read_records(
         missing = [name for name in required if rec.get(name) is None]
         if missing:
             theirs = mapping.get(missing[0], missing[0])
-            err = rec.error(theirs, "missing field" + (f" (mapped to {missing[0]!r})" if theirs != missing[0] else "")
-                            + f"; fields here: {', '.join(map(str, rec)) or 'none'}"
-                            + suggest(theirs, list(rec)))
+            mapped = f" (mapped to {missing[0]!r})" if theirs != missing[0] else ""
+            if missing[0] in rec:
+                err = rec.error(theirs, f"expected a value, got null{mapped}")
+            else:
+                err = rec.error(theirs, f"missing field{mapped}; fields here: {', '.join(map(str, rec)) or 'none'}"
+                                + suggest(theirs, list(rec)))
             if on_invalid != "skip":
                 raise err
             skipped += 1
@@ -453,9 +457,13 @@ def open_run_dir(out: str | os.PathLike | None, command: str, overwrite: bool = 
     if path.exists() and not path.is_dir():
         raise MmkitError("exists and is not a directory", file=str(path), field="--out")
     existing = path.is_dir() and any(path.iterdir())
-    if existing and not (path / RUN_MARKER).exists():
+    marker = path / RUN_MARKER
+    if existing and not marker.exists():
         raise MmkitError("not empty and not an mmkit run directory; choose another --out",
                          file=str(path), field="--out")
+    if existing and marker.read_text(encoding="utf-8").strip() != command:
+        raise MmkitError(f"holds a run of 'mmkit {marker.read_text(encoding='utf-8').strip()}', "
+                         f"not of 'mmkit {command}'; choose another --out", file=str(path), field="--out")
     if existing and overwrite:
         shutil.rmtree(path)
         existing = False
@@ -530,18 +538,24 @@ class Predictions:
     def _load(self) -> None:
         good_bytes = 0
         with open(self.path, "rb") as fh:
-            for raw in fh:
-                try:
-                    if not raw.endswith(b"\n"):
-                        raise ValueError("cut off")
-                    rec = json.loads(raw)
-                except ValueError:
-                    log.warning("%s: dropping a cut-off last line; it will be answered again", self.path)
-                    break
-                self.done[str(rec[self.key])] = rec
-                good_bytes += len(raw)
-        with open(self.path, "r+b") as fh:
-            fh.truncate(good_bytes)
+            lines = fh.readlines()
+        for lineno, raw in enumerate(lines, 1):
+            last = lineno == len(lines)
+            try:
+                rec = json.loads(raw) if raw.endswith(b"\n") or not last else None
+            except ValueError:
+                rec = None
+            if rec is None and last:
+                log.warning("%s: dropping a cut-off last line; it will be answered again", self.path)
+                break
+            if not isinstance(rec, dict) or self.key not in rec:
+                raise DataError(f"expected a JSON object with {self.key!r} (delete the file or pass "
+                                "--overwrite to start over)", file=str(self.path), line=lineno, field=self.key)
+            self.done[str(rec[self.key])] = rec
+            good_bytes += len(raw)
+        if good_bytes < sum(map(len, lines)):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(good_bytes)
 
     def __contains__(self, uid: object) -> bool:
         return str(uid) in self.done

@@ -43,8 +43,10 @@ def setup_logging(verbose: bool = False) -> None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     handler._mmkit_console = True  # type: ignore[attr-defined]
+    # -q quiets the console only; log.txt (a file handler on the same logger) keeps INFO lines.
+    handler.setLevel(logging.DEBUG if verbose else logging.WARNING if _QUIET else logging.INFO)
     logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if _QUIET else logging.INFO)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
 
 
@@ -58,12 +60,14 @@ class Progress:
         self._start = self._last = time.monotonic()
         self._bar = None
         if not _QUIET and stderr_is_tty():
+            from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
                                        TextColumn, TimeElapsedColumn, TimeRemainingColumn)
 
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                     TimeRemainingColumn(), transient=False)
+                                     TimeRemainingColumn(), console=Console(stderr=True),
+                                     transient=False)
             self._bar.start()
             self._task = self._bar.add_task(description, total=total, info="")
 

@@ -117,3 +117,13 @@ def test_save_round_trip(tmp_path):
 
 def test_config_keys():
     assert config_keys(Cfg) == ["name", "epochs", "mode", "layers", "limit", "verbose", "optim.lr", "optim.betas"]
+
+
+def test_errors_point_at_the_source_that_set_the_value(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("epochs: 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(Cfg, file=f, flags={"epochs": "x"})
+    assert str(err.value) == "epochs: expected an integer, got 'x'"  # the flag, not c.yaml:1
+    with pytest.raises(ConfigError, match=r"^--set optt: unknown key \(did you mean 'optim'\?\)"):
+        load_config(Cfg, sets=["optt.lr=3"])

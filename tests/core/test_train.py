@@ -241,3 +241,41 @@ def test_config_validation():
         load_config(T.TrainConfig, sets=["scheduler=cosin"])
     cfg = load_config(T.TrainConfig, sets=["param_groups=[{pattern: head, lr_mult: 10}]"])
     assert cfg.param_groups == [T.ParamGroup(pattern="head", lr_mult=10.0)]
+
+
+def test_preprocessor_is_saved_with_the_weights(tiny_bert_classifier, tmp_path):
+    from transformers import AutoTokenizer
+
+    loaded = load_model(tiny_bert_classifier, "sequence-classifier", device="cpu")
+    result = T.train(loaded.model, classifier_loss, toy_data(), T.TrainConfig(epochs=1), tmp_path,
+                     preprocessor=loaded.preprocessor)
+    tok = AutoTokenizer.from_pretrained(result.model_dir)
+    assert tok("a dog")["input_ids"] == loaded.preprocessor("a dog")["input_ids"]
+
+
+def test_logged_lr_is_the_rate_each_step_used(tmp_path):
+    data = [{"x": torch.ones(2)} for _ in range(8)]
+    rec = Recorder()
+    cfg = T.TrainConfig(epochs=1, batch_size=1, lr=1.0, scheduler="linear", warmup_ratio=0.25, log_every=1)
+    T.train(torch.nn.Linear(2, 1), lambda m, b: {"loss": m(b["x"]).sum()}, data, cfg, tmp_path, callbacks=[rec])
+    expected = [T.linear_schedule(s, 2, 8) for s in range(8)]
+    assert [s["lr"] for s in rec.steps] == pytest.approx(expected)
+
+
+def test_resume_tolerates_a_cut_off_log_line_and_max_steps_evaluates_last(tmp_path):
+    data = [{"x": torch.ones(2)} for _ in range(8)]
+    cfg = T.TrainConfig(epochs=1, batch_size=1, max_steps=5, save_every=2, log_every=1)
+
+    def go(callbacks=()):
+        return T.train(torch.nn.Linear(2, 1), lambda m, b: {"loss": m(b["x"]).sum()}, data, cfg, tmp_path,
+                       eval_fn=lambda m: {"v": 0.0}, callbacks=callbacks)
+
+    with pytest.raises(Stop):
+        go([StopAfterSave(2)])
+    with open(tmp_path / "train_log.jsonl", "a") as fh:
+        fh.write('{"step": 3, "lo')
+    result = go()
+    assert result.step == 5
+    assert [e["step"] for e in result.evaluations] == [5]  # stopped mid-epoch: still evaluated
+    steps = [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
