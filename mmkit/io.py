@@ -419,6 +419,22 @@ def fingerprint(source: str, n: int | None = None, revision: str | None = None) 
     return entry
 
 
+# --------------------------------------------------------------------------- caches
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The root of every mmkit cache: ``cache_dir``, else ``$MMKIT_CACHE``, else ``~/.cache/mmkit``.
+
+    Each cache picks its own folder under it (``embed/`` here, ``teacher/`` for distill).
+    """
+    if cache_dir is not None and str(cache_dir) != "":
+        return Path(cache_dir).expanduser()
+    env = os.environ.get("MMKIT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path("~/.cache/mmkit").expanduser()
+
+
 # --------------------------------------------------------------------------- run directories
 
 

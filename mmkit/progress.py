@@ -53,13 +53,14 @@ def setup_logging(verbose: bool = False) -> None:
 class Progress:
     """A progress reporter: ``update(n, **fields)``; rich bar on a TTY, else periodic log lines."""
 
-    def __init__(self, total: int | None, description: str, every_s: float = 30.0) -> None:
+    def __init__(self, total: int | None, description: str, every_s: float = 30.0, enabled: bool = True) -> None:
         self.total, self.description, self.every_s = total, description, every_s
+        self.enabled = enabled and not _QUIET
         self.done = 0
         self.fields: dict[str, object] = {}
         self._start = self._last = time.monotonic()
         self._bar = None
-        if not _QUIET and stderr_is_tty():
+        if self.enabled and stderr_is_tty():
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress,
                                        TextColumn, TimeElapsedColumn, TimeRemainingColumn)
@@ -76,7 +77,7 @@ class Progress:
         self.fields.update(fields)
         if self._bar is not None:
             self._bar.update(self._task, advance=n, info=self._info())
-        elif not _QUIET and time.monotonic() - self._last >= self.every_s:
+        elif self.enabled and time.monotonic() - self._last >= self.every_s:
             self._line()
 
     def _info(self) -> str:
@@ -94,7 +95,7 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
-        elif not _QUIET and self.done:
+        elif self.enabled and self.done:
             self._line()
 
     def __enter__(self) -> "Progress":

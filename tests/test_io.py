@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io as stdio
 import json
+from pathlib import Path
 
 import pytest
 
@@ -266,3 +267,11 @@ def test_null_field_is_not_called_missing(tmp_path):
 def test_write_jsonl_to_stdout(capsys):
     assert mio.write_jsonl("-", [{"a": 1}, {"b": "é"}]) == 2
     assert capsys.readouterr().out == '{"a": 1}\n{"b": "é"}\n'
+
+
+def test_cache_root_precedence(monkeypatch, tmp_path):
+    monkeypatch.setenv("MMKIT_CACHE", str(tmp_path / "env"))
+    assert mio.cache_root() == tmp_path / "env"
+    assert mio.cache_root(tmp_path / "flag") == tmp_path / "flag"
+    monkeypatch.delenv("MMKIT_CACHE")
+    assert mio.cache_root() == Path("~/.cache/mmkit").expanduser()

@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -34,6 +33,8 @@ import numpy as np
 
 from mmkit.core.models import MINILM_HUB_ID, LoadedModel
 from mmkit.errors import DataError, MmkitError, ModelError
+from mmkit.io import cache_root
+from mmkit.progress import Progress
 from mmkit.registry import Registry
 
 log = logging.getLogger("mmkit")
@@ -48,19 +49,6 @@ _HASH_CHUNK = 65_536
 
 
 # --------------------------------------------------------------------------- cache locations
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The root of every mmkit cache: ``cache_dir``, else ``$MMKIT_CACHE``, else ``~/.cache/mmkit``.
-
-    Each cache picks its own folder under it (``embed/`` here, ``teacher/`` for distill).
-    """
-    if cache_dir is not None and str(cache_dir) != "":
-        return Path(cache_dir).expanduser()
-    env = os.environ.get("MMKIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.cache/mmkit").expanduser()
 
 
 def embed_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -293,46 +281,6 @@ def store_cached(key: str, embeddings: np.ndarray, fields: dict[str, Any], *, mo
         log.warning("could not write the embed cache entry %s: %s", entry, exc)
         return None
     return entry
-
-
-# --------------------------------------------------------------------------- progress
-
-
-class _Progress:
-    """A rich bar over rows when stderr is a TTY; otherwise a plain log line every ``every`` seconds."""
-
-    def __init__(self, total: int, description: str, enabled: bool, every: float = 30.0) -> None:
-        self.total, self.description, self.done = total, description, 0
-        self.enabled, self.every = enabled, every
-        self.bar = None
-        self.started = self.last = time.monotonic()
-        if enabled and sys.stderr.isatty():
-            from rich.console import Console
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn,
-                                       TextColumn, TimeElapsedColumn, TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TaskProgressColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                                console=Console(stderr=True), transient=False)
-            self.task = self.bar.add_task(description, total=total)
-
-    def __enter__(self) -> "_Progress":
-        if self.bar is not None:
-            self.bar.start()
-        return self
-
-    def advance(self, rows: int) -> None:
-        self.done += rows
-        if self.bar is not None:
-            self.bar.update(self.task, advance=rows)
-        elif self.enabled and time.monotonic() - self.last >= self.every:
-            self.last = time.monotonic()
-            rate = self.done / max(self.last - self.started, 1e-9)
-            log.info("%s: %d/%d (%.0f/s)", self.description, self.done, self.total, rate)
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -594,7 +542,7 @@ def _run_text_batches(model, tokens, batches, pad_id: int, pool: Callable, devic
     n = len(tokens)
     out: np.ndarray | None = None
     autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
-    with _eval_mode(model), torch.inference_mode(), autocast, _Progress(n, description, progress) as bar:
+    with _eval_mode(model), torch.inference_mode(), autocast, Progress(n, description, enabled=progress) as bar:
         for rows in batches:
             ids, mask = pad_flat(tokens, rows, pad_id)
             vec = pool(model, ids.to(device), mask.to(device)).float()
@@ -604,7 +552,7 @@ def _run_text_batches(model, tokens, batches, pad_id: int, pool: Callable, devic
             if out is None:
                 out = np.empty((n, vec.shape[1]), dtype=np.float32)
             out[rows] = vec
-            bar.advance(len(rows))
+            bar.update(len(rows))
     assert out is not None
     return out
 
@@ -731,7 +679,7 @@ def _run_image_batches(model, processor, images, root, batch_size: int, device: 
     out: np.ndarray | None = None
     autocast = torch.autocast("cuda", dtype=amp) if amp is not None else contextlib.nullcontext()
     with ThreadPoolExecutor(max_workers=1) as pool, _eval_mode(model), torch.inference_mode(), autocast, \
-            _Progress(n, description, progress) as bar:
+            Progress(n, description, enabled=progress) as bar:
         pending = pool.submit(prepare, batches[0])
         for b, rows in enumerate(batches):
             pixels = pending.result()
@@ -744,6 +692,6 @@ def _run_image_batches(model, processor, images, root, batch_size: int, device: 
             if out is None:
                 out = np.empty((n, vec.shape[1]), dtype=np.float32)
             out[rows] = vec
-            bar.advance(len(rows))
+            bar.update(len(rows))
     assert out is not None
     return out

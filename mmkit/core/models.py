@@ -195,6 +195,7 @@ def load_model(
     """
     spec = MODEL_KINDS.resolve(kind, field="kind")
     path, gguf_file = resolve_source(name_or_path, gguf_file)
+    _quiet_transformers_bars()
     device = resolve_device(device)
     common: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     if gguf_file:
@@ -214,6 +215,16 @@ def load_model(
     return LoadedModel(model=model, preprocessor=proc, kind=kind, id=name_or_path,
                        revision=revision or getattr(config, "_commit_hash", None),
                        path=path, gguf_file=gguf_file)
+
+
+def _quiet_transformers_bars() -> None:
+    """transformers' own loading bars only on a terminal, and never under ``-q``."""
+    from transformers.utils import logging as hf_logging
+
+    from mmkit.progress import is_quiet, stderr_is_tty
+
+    if is_quiet() or not stderr_is_tty():
+        hf_logging.disable_progress_bar()
 
 
 def _load_config(path: str, name: str, common: dict[str, Any]):

@@ -47,15 +47,6 @@ def test_import_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
 
 
-def test_cache_root_precedence(monkeypatch, tmp_path):
-    monkeypatch.setenv("MMKIT_CACHE", str(tmp_path / "env"))
-    assert E.cache_root() == tmp_path / "env"
-    assert E.cache_root(tmp_path / "flag") == tmp_path / "flag"
-    assert E.embed_cache_dir(tmp_path / "flag") == tmp_path / "flag" / "embed"
-    monkeypatch.delenv("MMKIT_CACHE")
-    assert E.cache_root() == Path("~/.cache/mmkit").expanduser()
-
-
 def test_shape_dtype_and_unit_norm(tiny_bert, cache):
     emb = E.encode_texts(TEXTS, tiny_bert, cache_dir=cache, progress=False)
     assert emb.shape == (len(TEXTS), 32) and emb.dtype == np.float32
@@ -316,3 +307,7 @@ def test_encode_images_errors(tiny_clip, tiny_bert, tmp_path):
         E.encode_images(paths, tiny_clip, root=tmp_path, cache_dir=tmp_path / "c", progress=False)
     with pytest.raises(MmkitError, match="not a dual encoder"):
         E.encode_images(paths[:2], tiny_bert, root=tmp_path, use_cache=False)
+
+
+def test_embed_cache_dir_is_under_the_shared_root(tmp_path):
+    assert E.embed_cache_dir(tmp_path / "flag") == tmp_path / "flag" / "embed"
