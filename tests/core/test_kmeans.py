@@ -63,7 +63,10 @@ def test_result_fields_and_inertia_recomputed(backend):
     assert r.inertia == pytest.approx(hand_inertia(x, r), rel=1e-9)
     d2 = ((x[:, None, :].astype(np.float64) - r.centroids[None].astype(np.float64)) ** 2).sum(-1)
     np.testing.assert_array_equal(r.assignments, d2.argmin(1))
-    assert len(r.objective_per_iter) == (10 if backend == "faiss" else 0)
+    if backend == "faiss":  # recent faiss (1.15 here) stops once the objective stops changing
+        assert 1 <= len(r.objective_per_iter) <= 10
+    else:
+        assert r.objective_per_iter == []
 
 
 @pytest.mark.parametrize("backend", BACKEND_PARAMS)
