@@ -535,7 +535,6 @@ def _pad_id(tokenizer: Any) -> int:
 def _run_text_batches(model, tokens, batches, pad_id: int, pool: Callable, device: str, amp,
                       normalize: bool, progress: bool, description: str) -> np.ndarray:
     import torch
-    import torch.nn.functional as F
 
     from mmkit.core.data import pad_flat
 
@@ -545,15 +544,23 @@ def _run_text_batches(model, tokens, batches, pad_id: int, pool: Callable, devic
     with _eval_mode(model), torch.inference_mode(), autocast, Progress(n, description, enabled=progress) as bar:
         for rows in batches:
             ids, mask = pad_flat(tokens, rows, pad_id)
-            vec = pool(model, ids.to(device), mask.to(device)).float()
-            if normalize:
-                vec = F.normalize(vec, p=2, dim=-1)
-            vec = vec.cpu().numpy()
-            if out is None:
-                out = np.empty((n, vec.shape[1]), dtype=np.float32)
-            out[rows] = vec
+            out = _scatter(out, rows, pool(model, ids.to(device), mask.to(device)), n, normalize)
             bar.update(len(rows))
     assert out is not None
+    return out
+
+
+def _scatter(out: np.ndarray | None, rows: np.ndarray, vec: Any, n: int, normalize: bool) -> np.ndarray:
+    """Write a batch's float32 (optionally L2-normalised) rows into the preallocated output."""
+    import torch.nn.functional as F
+
+    vec = vec.float()
+    if normalize:
+        vec = F.normalize(vec, p=2, dim=-1)
+    vec = vec.cpu().numpy()
+    if out is None:
+        out = np.empty((n, vec.shape[1]), dtype=np.float32)
+    out[rows] = vec
     return out
 
 
@@ -664,7 +671,6 @@ def _run_image_batches(model, processor, images, root, batch_size: int, device: 
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
-    import torch.nn.functional as F
 
     from mmkit.core.data import input_order_batches, load_image
 
@@ -685,13 +691,8 @@ def _run_image_batches(model, processor, images, root, batch_size: int, device: 
             pixels = pending.result()
             if b + 1 < len(batches):
                 pending = pool.submit(prepare, batches[b + 1])
-            vec = _features(model.get_image_features(pixel_values=pixels.to(device, dtype))).float()
-            if normalize:
-                vec = F.normalize(vec, p=2, dim=-1)
-            vec = vec.cpu().numpy()
-            if out is None:
-                out = np.empty((n, vec.shape[1]), dtype=np.float32)
-            out[rows] = vec
+            vec = _features(model.get_image_features(pixel_values=pixels.to(device, dtype)))
+            out = _scatter(out, rows, vec, n, normalize)
             bar.update(len(rows))
     assert out is not None
     return out
