@@ -33,17 +33,15 @@ def main() -> None:
 
     from sklearn.metrics import silhouette_score
 
-    from mmkit.config import config_dict, save_config
+    from mmkit.config import config_dict
     from mmkit.core.embed import encode_texts
     from mmkit.core.kmeans import kmeans
     from mmkit.core.seeding import stable_rng
-    from mmkit.io import fingerprint, open_run_dir, read_records, write_jsonl, write_results
+    from mmkit.io import fingerprint, read_records, start_run, write_jsonl, write_results
     from mmkit.progress import setup_logging
 
     setup_logging()
-    run = open_run_dir(cfg.out, "quickstart", overwrite=True)
-    run.attach_log()
-    save_config(cfg, run / "config.yaml")
+    run = start_run(cfg.out, "quickstart", cfg, overwrite=True)
 
     records = list(read_records("builtin:sharegpt", required=["instruction"]))
     pick = np.sort(stable_rng(cfg.seed, "quickstart").choice(len(records), size=cfg.n, replace=False))

@@ -451,10 +451,17 @@ class RunDir:
         return self.path / name
 
     def attach_log(self) -> logging.Handler:
-        """Append mmkit's log records to ``log.txt`` in this folder."""
+        """Append mmkit's log records to ``log.txt`` here (instead of a previous run's folder)."""
+        logger = logging.getLogger("mmkit")
+        for old in [h for h in logger.handlers if getattr(h, "_mmkit_run_log", False)]:
+            logger.removeHandler(old)
+            old.close()
         handler = logging.FileHandler(self.path / "log.txt", encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logging.getLogger("mmkit").addHandler(handler)
+        handler._mmkit_run_log = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
         return handler
 
 
@@ -488,6 +495,16 @@ def open_run_dir(out: str | os.PathLike | None, command: str, overwrite: bool = 
     if existing:
         log.info("resuming the run in %s (pass --overwrite to restart)", path)
     return RunDir(path=path, command=command, resumed=existing)
+
+
+def start_run(out: str | os.PathLike | None, command: str, config: Any, overwrite: bool = False) -> RunDir:
+    """Open the run folder, send log lines to its ``log.txt`` and save the resolved ``config.yaml``."""
+    from mmkit.config import save_config
+
+    run = open_run_dir(out, command, overwrite=overwrite)
+    run.attach_log()
+    save_config(config, run / "config.yaml")
+    return run
 
 
 def percent(numerator: float, denominator: float, name: str) -> float | None:

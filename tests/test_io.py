@@ -275,3 +275,23 @@ def test_cache_root_precedence(monkeypatch, tmp_path):
     assert mio.cache_root(tmp_path / "flag") == tmp_path / "flag"
     monkeypatch.delenv("MMKIT_CACHE")
     assert mio.cache_root() == Path("~/.cache/mmkit").expanduser()
+
+
+def test_start_run_saves_config_and_logs(tmp_path):
+    import logging
+    from dataclasses import dataclass
+
+    import yaml
+
+    @dataclass
+    class C:
+        k: int = 3
+
+    run = mio.start_run(tmp_path / "r", "toy", C())
+    logging.getLogger("mmkit").info("hello log")
+    assert yaml.safe_load((run / "config.yaml").read_text()) == {"k": 3}
+    assert "hello log" in (run / "log.txt").read_text()
+    second = mio.start_run(tmp_path / "r2", "toy", C())
+    logging.getLogger("mmkit").info("second")
+    assert "second" not in (run / "log.txt").read_text()  # the old run's log is detached
+    assert "second" in (second / "log.txt").read_text()

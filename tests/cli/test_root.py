@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,17 @@ def test_importing_the_cli_does_not_import_torch():
 def test_python_dash_m_mmkit():
     out = subprocess.run([sys.executable, "-m", "mmkit", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == f"mmkit {mmkit.__version__}"
+
+
+def test_accelerate_launch_dash_m_mmkit():
+    accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not on PATH")
+    out = subprocess.run([accelerate, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mmkit", "--version"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == f"mmkit {mmkit.__version__}"
 
 
 # ---------------------------------------------------------------- user mistakes: exit 2, one line

@@ -31,15 +31,14 @@ def toy(
     set_: Annotated[Optional[list[str]], typer.Option("--set")] = None,
     overwrite: bool = False,
 ) -> None:
-    from mmkit.config import load_config, save_config
+    from mmkit.config import load_config
     from mmkit.core.models import load_model
-    from mmkit.io import fingerprint, open_run_dir, read_records, write_results
+    from mmkit.io import fingerprint, read_records, start_run, write_results
 
     cfg = load_config(ToyConfig, file=config, flags={"data": data, "model.path": model}, sets=set_ or [])
     records = list(read_records(cfg.data, fields={"text": cfg.text_field}, required=["text"]))
     loaded = load_model(cfg.model.path, cfg.model.kind, device="cpu")
-    run = open_run_dir(out, "toy", overwrite=overwrite)
-    save_config(cfg, run / "config.yaml")
+    run = start_run(out, "toy", cfg, overwrite=overwrite)
     write_results(run, method="toy", config={"data": cfg.data}, metrics={"n": len(records)},
                   models={"model": loaded.record()}, data=fingerprint(cfg.data, len(records)))
 

@@ -279,3 +279,12 @@ def test_resume_tolerates_a_cut_off_log_line_and_max_steps_evaluates_last(tmp_pa
     assert [e["step"] for e in result.evaluations] == [5]  # stopped mid-epoch: still evaluated
     steps = [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tiny_bert_classifier, tmp_path):
+    cfg = T.TrainConfig(epochs=1, batch_size=8, mixed_precision="bf16", lr=1e-3, log_every=1)
+    before = load_model(tiny_bert_classifier, "sequence-classifier", device="cpu", preprocessor=False).model
+    result, model = run(tiny_bert_classifier, tmp_path, cfg)
+    assert result.step == 5 and all(math.isfinite(h["loss"]) for h in result.history)
+    assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
+    assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
