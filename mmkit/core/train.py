@@ -224,6 +224,27 @@ class StreamBatchSampler(Sampler):
             yield batch
 
 
+class _OneStream(Sampler):
+    """Adapts a caller's batch sampler (lists of indices) to the loop's ``(stream, index)`` pairs.
+
+    The sampler must be a pure function of its epoch (``set_epoch``) so a resumed run skips
+    into the same batches; grouped samplers (CommonIT) are.
+    """
+
+    def __init__(self, batch_sampler: Any) -> None:
+        self.inner = batch_sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        for batch in self.inner:
+            yield [(0, int(i)) for i in batch]
+
+
 class _StreamsDataset(Dataset):
     def __init__(self, streams: Sequence[Stream]) -> None:
         self.streams = streams
@@ -313,11 +334,14 @@ def train(
     callbacks: Sequence[Callback] = (),
     save_fn: Callable[[torch.nn.Module, Path], None] | None = None,
     preprocessor: Any = None,
+    batch_sampler: Any = None,
     final_dir: str | None = "model",
 ) -> TrainResult:
     """Train ``model`` by minimising ``loss_fn(model, batch)["loss"]`` over ``data``.
 
-    ``data`` is a map-style dataset or a list of :class:`Stream`. Batches are
+    ``data`` is a map-style dataset or a list of :class:`Stream`; ``batch_sampler`` (with
+    ``set_epoch``, a pure function of the epoch) replaces the loop's seeded shuffling for a
+    single dataset, e.g. CommonIT's group-pure batches in accelerate's global order. Batches are
     ``collate_fn(examples)`` dicts plus ``index`` (and ``stream``). ``eval_fn(model)`` runs under
     ``torch.inference_mode`` every ``eval_every`` steps or at each epoch end. ``save_fn(model,
     dir)`` writes weights (default: ``save_pretrained`` safetensors, else a safetensors state
@@ -333,7 +357,10 @@ def train(
     accelerator = _accelerator(config, out)
     is_streams = isinstance(data, (list, tuple)) and data and all(isinstance(s, Stream) for s in data)
     streams = list(data) if is_streams else [Stream("data", data, config.batch_size, True)]
-    sampler = StreamBatchSampler(streams, config.seed, config.drop_last)
+    if batch_sampler is not None and len(streams) > 1:
+        raise MmkitError("a batch_sampler takes one dataset, not several streams", field="batch_sampler")
+    sampler = _OneStream(batch_sampler) if batch_sampler is not None else StreamBatchSampler(
+        streams, config.seed, config.drop_last)
     loader = DataLoader(
         _StreamsDataset(streams), batch_sampler=sampler, num_workers=config.num_workers,
         collate_fn=_IndexCollate(collate_fn or torch.utils.data.default_collate,

@@ -288,3 +288,42 @@ def test_bf16_mixed_precision_trains_on_cpu(tiny_bert_classifier, tmp_path):
     assert result.step == 5 and all(math.isfinite(h["loss"]) for h in result.history)
     assert next(model.parameters()).dtype == torch.float32  # master weights stay fp32
     assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before.parameters()))
+
+
+def test_a_custom_batch_sampler_drives_the_epochs_and_resumes(tmp_path):
+    """A caller's batch sampler (pure in its epoch) replaces the loop's shuffling, and a run
+    killed mid-epoch resumes into the same batches."""
+
+    class Reversed:
+        def __init__(self, n):
+            self.n, self.epoch = n, 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __len__(self):
+            return self.n // 2
+
+        def __iter__(self):
+            order = list(range(self.n))[::-1] if self.epoch % 2 else list(range(self.n))
+            return iter([order[i:i + 2] for i in range(0, self.n, 2)])
+
+    data = [{"x": torch.tensor([float(i), 1.0])} for i in range(6)]
+
+    def go(out, callbacks):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(2, 1)
+        T.train(model, lambda m, b: {"loss": m(b["x"]).pow(2).mean()}, data,
+                T.TrainConfig(epochs=2, lr=0.01, save_every=1), out, callbacks=callbacks,
+                batch_sampler=Reversed(6))
+        return model
+
+    rec = Recorder()
+    straight = go(tmp_path / "a", [rec])
+    assert [ix for _, ix, _ in rec.batches] == [[0, 1], [2, 3], [4, 5], [5, 4], [3, 2], [1, 0]]
+    with pytest.raises(Stop):
+        go(tmp_path / "b", [StopAfterSave(4)])
+    rec2 = Recorder()
+    resumed = go(tmp_path / "b", [rec2])
+    assert [ix for _, ix, _ in rec2.batches] == [[3, 2], [1, 0]]
+    assert all(torch.equal(p, q) for p, q in zip(straight.parameters(), resumed.parameters()))
