@@ -1,0 +1,1 @@
+"""CommonIT: group instruction data by Task / Embedding / Length; group-pure batches."""
