@@ -73,6 +73,48 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Mapping[str, Any]]) -
     return n
 
 
+#: format -> (file name suffix, writer(path, records)); the inverse of the readers.
+WRITERS: Registry = Registry("output format")
+
+
+@WRITERS.register("jsonl")
+def _write_jsonl_format(path: Path, records: list[Mapping[str, Any]]) -> None:
+    write_jsonl(path, records)
+
+
+@WRITERS.register("json")
+def _write_json_format(path: Path, records: list[Mapping[str, Any]]) -> None:
+    write_json(path, list(records))
+
+
+@WRITERS.register("parquet")
+def _write_parquet_format(path: Path, records: list[Mapping[str, Any]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with atomic_write(path, "wb") as fh:
+        pq.write_table(pa.Table.from_pylist(list(records)), fh)
+
+
+@WRITERS.register("hf")
+def _write_hf_format(path: Path, records: list[Mapping[str, Any]]) -> None:
+    from datasets import Dataset
+
+    with atomic_dir(path, overwrite=True) as tmp:
+        Dataset.from_list(list(records)).save_to_disk(str(tmp))
+
+
+OUTPUT_SUFFIX = {"jsonl": ".jsonl", "json": ".json", "parquet": ".parquet", "hf": ""}
+
+
+def write_records(stem: str | os.PathLike, records: Iterable[Mapping[str, Any]], format: str = "jsonl") -> Path:
+    """Write records as ``stem`` + the format's suffix (``hf``: a ``save_to_disk`` folder), atomically."""
+    writer = WRITERS.resolve(format, field="format")
+    path = Path(f"{stem}{OUTPUT_SUFFIX[format]}")
+    writer(path, list(records))
+    return path
+
+
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):
         return obj.tolist()

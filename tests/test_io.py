@@ -295,3 +295,11 @@ def test_start_run_saves_config_and_logs(tmp_path):
     logging.getLogger("mmkit").info("second")
     assert "second" not in (run / "log.txt").read_text()  # the old run's log is detached
     assert "second" in (second / "log.txt").read_text()
+
+
+@pytest.mark.parametrize("fmt", sorted(mio.WRITERS))
+def test_write_records_round_trips_through_the_readers(tmp_path, fmt):
+    recs = [{"q": "a dog", "label": 1, "tags": ["x"]}, {"q": "a cat", "label": 0, "tags": []}]
+    path = mio.write_records(tmp_path / "out", recs, fmt)
+    assert mio.detect_format(str(path)) == fmt
+    assert [dict(r) for r in mio.read_records(str(path))] == recs

@@ -62,6 +62,7 @@ class _Texts:
     response: str
     prompt_turns: tuple[str, ...]
     response_turns: tuple[str, ...]
+    turns: tuple[tuple[str, str], ...]  # (system | user | assistant, text) in conversation order
 
 
 @dataclass
@@ -79,6 +80,7 @@ class InstructionRecords:
     response_text: list[str]
     prompt_turns: list[tuple[str, ...]]
     response_turns: list[tuple[str, ...]]
+    conversations: list[tuple[tuple[str, str], ...]]  # every turn with its role, for training
     rows: np.ndarray
     source: dict[str, Any]
     fields: RecordFields
@@ -100,7 +102,7 @@ class InstructionRecords:
         return replace(
             self, records=take(self.records), instruction_text=take(self.instruction_text),
             response_text=take(self.response_text), prompt_turns=take(self.prompt_turns),
-            response_turns=take(self.response_turns), rows=self.rows[idx], task=take(self.task),
+            response_turns=take(self.response_turns), conversations=take(self.conversations), rows=self.rows[idx], task=take(self.task),
             source_file=take(self.source_file), source={**self.source, "n_records": len(pick)},
         )
 
@@ -174,7 +176,7 @@ def _instruction_shape(rec: Record, f: RecordFields) -> _Texts:
     output = _text(rec, f.output, rec.get(f.output, _MISSING), f.option("output"))
     prompt = f"{instruction}\n{extra}" if extra else instruction
     embed = EMBED_TEXTS[f.embed_text](instruction, extra)
-    return _Texts(embed, output, (prompt,), (output,))
+    return _Texts(embed, output, (prompt,), (output,), (("user", prompt), ("assistant", output)))
 
 
 def _conversation_shape(rec: Record, f: RecordFields) -> _Texts:
@@ -186,6 +188,7 @@ def _conversation_shape(rec: Record, f: RecordFields) -> _Texts:
     known = (*f.user_roles, *f.assistant_roles, SYSTEM_ROLE)
     users: list[str] = []
     assistants: list[str] = []
+    turns: list[tuple[str, str]] = []
     for t, turn in enumerate(conv):
         where = f"{f.conversations}[{t}]"
         if not isinstance(turn, dict):
@@ -199,15 +202,19 @@ def _conversation_shape(rec: Record, f: RecordFields) -> _Texts:
                         nonempty=not is_system)
         if role in f.user_roles:
             users.append(content)
+            turns.append(("user", content))
         elif role in f.assistant_roles:
             assistants.append(content)
+            turns.append(("assistant", content))
+        else:
+            turns.append((SYSTEM_ROLE, content))
     if not users:
         raise rec.error(f.conversations, f"a conversation with a user turn (roles {', '.join(f.user_roles)}; "
                                          "see --user-roles)")
     if not assistants:
         raise rec.error(f.conversations, f"a conversation with an assistant turn (roles "
                                          f"{', '.join(f.assistant_roles)}; see --assistant-roles)")
-    return _Texts(users[0], "\n".join(assistants), tuple(users), tuple(assistants))
+    return _Texts(users[0], "\n".join(assistants), tuple(users), tuple(assistants), tuple(turns))
 
 
 #: Whether a record has a (non-null) conversations field -> the normaliser of its shape.
@@ -256,13 +263,15 @@ def load_records(
     split: str = "train",
     on_invalid: str = "error",
     need_task: bool = False,
+    grouped: bool = False,
 ) -> InstructionRecords:
     """Read ``source`` and normalise every record (§2).
 
     ``need_task`` requires a task label on every record (the Task metric); with
     ``fields.task_from == "file"`` the label is the file stem and ``source`` must be a
     directory. A bad record raises a one-line :class:`DataError`; ``on_invalid="skip"`` drops
-    it, counting it in ``source["n_skipped"]``.
+    it, counting it in ``source["n_skipped"]``. ``grouped`` reads a grouping run's output, whose
+    records carry ``fields.group_field`` already.
     """
     if on_invalid not in ON_INVALID:
         raise MmkitError(f"expected one of {', '.join(ON_INVALID)}, got {on_invalid!r}", field="--on-invalid")
@@ -283,7 +292,7 @@ def load_records(
     rows: list[int] = []
     skipped = 0
     for row, (rec, file) in enumerate(stream):
-        if fields.group_field in rec:
+        if fields.group_field in rec and not grouped:
             raise rec.error(fields.group_field, f"no {fields.group_field!r} field (the grouped output adds it; "
                                                 "pass --group-field NAME to name that column differently)")
         try:
@@ -315,6 +324,7 @@ def load_records(
     return InstructionRecords(
         records=records, instruction_text=[t.instruction for t in texts], response_text=[t.response for t in texts],
         prompt_turns=[t.prompt_turns for t in texts], response_turns=[t.response_turns for t in texts],
+        conversations=[t.turns for t in texts],
         rows=np.asarray(rows, dtype=np.int64), source=info, fields=fields,
         task=tasks if need_task else None, task_order=task_order, source_file=files if directory else None,
     )

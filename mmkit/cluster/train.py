@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -161,7 +160,6 @@ def held_out_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.n
 def heldout_loss(model: Any, examples: Sequence[dict], groups: np.ndarray, collate: SFTCollator,
                  batch_size: int) -> dict[str, Any]:
     """Token-weighted held-out loss overall and per group (called under inference mode)."""
-    import torch
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
@@ -214,3 +212,95 @@ class SFTConfig:
 
 
 ORDERINGS = ("commonit", "random")
+
+
+def apply_preset(name: str | None) -> dict[str, Any]:
+    """The dotted config keys a ``--preset`` sets (explicit flags still override them)."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        from mmkit.errors import suggest
+
+        raise MmkitError(f"unknown preset {name!r}{suggest(name, PRESETS)}; known: {', '.join(PRESETS)}",
+                         field="--preset")
+    preset = PRESETS[name]
+    return {"max_length": preset["max_length"], "records": preset["records"],
+            **{f"train.{k}": v for k, v in preset["train"].items()}}
+
+
+def _step_group(labels: np.ndarray):
+    """A callback noting each optimizer step's group (-1: mixed, the random baseline)."""
+    from mmkit.core.train import Callback
+
+    class StepGroups(Callback):
+        def __init__(self) -> None:
+            self.current: set[int] = set()
+            self.steps: list[dict[str, Any]] = []
+
+        def on_batch_end(self, state, batch, outputs) -> None:
+            self.current.update(np.unique(labels[batch["index"].numpy()]).tolist())
+
+        def on_step_end(self, state, logs) -> None:
+            group = next(iter(self.current)) if len(self.current) == 1 else -1
+            self.current = set()
+            if state.step % state.config.log_every == 0 or state.step == state.total_steps:
+                self.steps.append({"step": state.step, "loss": logs["loss"], "lr": logs["lr"], "group": group})
+
+    return StepGroups()
+
+
+def run_sft(cfg: SFTConfig, out: str | None, overwrite: bool = False) -> dict[str, Any]:
+    """Train ``cfg.model`` once per ordering from the same initial weights; compare held-out loss."""
+    from mmkit.cluster.records import RecordFields, load_records
+    from mmkit.cluster.sampler import GroupedBatchSampler, RandomBatchSampler
+    from mmkit.config import config_dict
+    from mmkit.core.models import load_model
+    from mmkit.core.train import train
+    from mmkit.io import fingerprint, start_run, write_json, write_results
+
+    run = start_run(out, "cluster-instructions", cfg, overwrite=overwrite)
+    records = load_records(cfg.grouped, RecordFields(), grouped=True)
+    if cfg.records:
+        records = records.subset(np.arange(min(cfg.records, len(records))))
+    groups = np.array([rec.require("group", int) for rec in records.records], dtype=np.int64)
+    orderings = list(ORDERINGS) if cfg.ordering == "both" else [cfg.ordering]
+    samplers = {"commonit": GroupedBatchSampler, "random": RandomBatchSampler}
+    results: dict[str, Any] = {}
+    tokenizer = None
+    for ordering in orderings:
+        loaded = load_model(cfg.model, "causal-lm", gguf_file=cfg.gguf_file, dtype="auto")
+        tokenizer = loaded.preprocessor
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        examples, rows = build_examples(tokenizer, records.conversations, cfg.template, cfg.system_prompt,
+                                        cfg.max_length)
+        labels = groups[rows]
+        train_idx, eval_idx = held_out_split(len(examples), cfg.eval_fraction, cfg.seed)
+        train_set = [examples[i] for i in train_idx]
+        collate = SFTCollator(pad_id=tokenizer.pad_token_id)
+        sampler = samplers[ordering](labels[train_idx], cfg.train.batch_size, accumulation_steps=cfg.train.grad_accum,
+                                     seed=cfg.seed, small_groups=cfg.small_groups)
+        eval_set, eval_groups = [examples[i] for i in eval_idx], labels[eval_idx]
+        steps = _step_group(labels[train_idx])
+
+        def evaluate(model):
+            return heldout_loss(model, eval_set, np.maximum(eval_groups, 0), collate, cfg.train.batch_size)
+
+        result = train(loaded.model, sft_loss, train_set, cfg.train, run / ordering, collate_fn=collate,
+                       eval_fn=evaluate if len(eval_set) else None, callbacks=[steps], batch_sampler=sampler,
+                       preprocessor=tokenizer)
+        final = result.evaluations[-1] if result.evaluations else {}
+        metrics = {"ordering": ordering, "steps": result.step, "train_loss": steps.steps,
+                   "heldout_loss": final.get("heldout_loss"),
+                   "heldout_loss_per_group": final.get("heldout_loss_per_group"),
+                   "sampler": {k: v for k, v in sampler.report.items() if k != "merged_from"},
+                   "n_train": len(train_set), "n_eval": len(eval_set), "n_dropped_truncated": len(groups) - len(rows)}
+        write_json(run / ordering / "metrics.json", metrics)
+        results[ordering] = metrics
+    comparison = {o: {"heldout_loss": m["heldout_loss"], "steps": m["steps"],
+                      "final_train_loss": m["train_loss"][-1]["loss"] if m["train_loss"] else None}
+                  for o, m in results.items()}
+    write_json(run / "comparison.json", comparison)
+    return write_results(run, method=f"sft-{cfg.ordering}", config=config_dict(cfg), seed=cfg.seed,
+                         metrics=comparison, models={"model": {"id": cfg.model, "revision": None}},
+                         data=fingerprint(cfg.grouped, len(records)), out=str(run.path))
