@@ -266,26 +266,27 @@ def run_sft(cfg: SFTConfig, out: str | None, overwrite: bool = False) -> dict[st
     orderings = list(ORDERINGS) if cfg.ordering == "both" else [cfg.ordering]
     samplers = {"commonit": GroupedBatchSampler, "random": RandomBatchSampler}
     results: dict[str, Any] = {}
-    tokenizer = None
+    loaded = load_model(cfg.model, "causal-lm", gguf_file=cfg.gguf_file, dtype="auto")
+    initial = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
+    tokenizer = loaded.preprocessor
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    examples, rows = build_examples(tokenizer, records.conversations, cfg.template, cfg.system_prompt,
+                                    cfg.max_length)
+    labels = groups[rows]
+    train_idx, eval_idx = held_out_split(len(examples), cfg.eval_fraction, cfg.seed)
+    train_set = [examples[i] for i in train_idx]
+    eval_set, eval_groups = [examples[i] for i in eval_idx], labels[eval_idx]
+    collate = SFTCollator(pad_id=tokenizer.pad_token_id)
+
+    def evaluate(model):
+        return heldout_loss(model, eval_set, np.maximum(eval_groups, 0), collate, cfg.train.batch_size)
+
     for ordering in orderings:
-        loaded = load_model(cfg.model, "causal-lm", gguf_file=cfg.gguf_file, dtype="auto")
-        tokenizer = loaded.preprocessor
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
-        examples, rows = build_examples(tokenizer, records.conversations, cfg.template, cfg.system_prompt,
-                                        cfg.max_length)
-        labels = groups[rows]
-        train_idx, eval_idx = held_out_split(len(examples), cfg.eval_fraction, cfg.seed)
-        train_set = [examples[i] for i in train_idx]
-        collate = SFTCollator(pad_id=tokenizer.pad_token_id)
+        loaded.model.load_state_dict(initial)  # the same initial weights for every ordering
         sampler = samplers[ordering](labels[train_idx], cfg.train.batch_size, accumulation_steps=cfg.train.grad_accum,
                                      seed=cfg.seed, small_groups=cfg.small_groups)
-        eval_set, eval_groups = [examples[i] for i in eval_idx], labels[eval_idx]
         steps = _step_group(labels[train_idx])
-
-        def evaluate(model):
-            return heldout_loss(model, eval_set, np.maximum(eval_groups, 0), collate, cfg.train.batch_size)
-
         result = train(loaded.model, sft_loss, train_set, cfg.train, run / ordering, collate_fn=collate,
                        eval_fn=evaluate if len(eval_set) else None, callbacks=[steps], batch_sampler=sampler,
                        preprocessor=tokenizer)

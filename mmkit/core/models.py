@@ -203,6 +203,8 @@ def load_model(
     config = _load_config(path, name_or_path, common)
     cls = spec.model_class(config.model_type)
     kwargs: dict[str, Any] = dict(common, dtype=resolve_dtype(dtype, device), **model_kwargs)
+    if gguf_file:
+        kwargs.setdefault("quantization_config", _dense_gguf(gguf_file))
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -215,6 +217,16 @@ def load_model(
     return LoadedModel(model=model, preprocessor=proc, kind=kind, id=name_or_path,
                        revision=revision or getattr(config, "_commit_hash", None),
                        path=path, gguf_file=gguf_file)
+
+
+def _dense_gguf(gguf_file: str) -> Any:
+    """Unpack GGUF blocks into a dense model at load time: trainable, and ``save_pretrained``
+    writes it (dequantised) as safetensors. Without this, transformers 5.x keeps the blocks when a
+    GGUF kernel is installed and refuses to save the model either way."""
+    import transformers
+
+    config_cls = getattr(transformers, "GgufConfig", None)
+    return None if config_cls is None else config_cls(gguf_file=gguf_file, dequantize=True)
 
 
 def _quiet_transformers_bars() -> None:

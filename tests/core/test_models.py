@@ -278,7 +278,7 @@ def test_bundled_smollm2_resolves(smollm2_gguf):
 
 
 @pytest.mark.slow
-def test_bundled_smollm2_loads(smollm2_gguf):
+def test_bundled_smollm2_loads(smollm2_gguf, tmp_path):
     loaded = load_model("bundled:smollm2", "causal-lm", device="cpu")
     assert type(loaded.model).__name__ == "LlamaForCausalLM"
     assert loaded.gguf_file == SMOLLM2_GGUF
@@ -288,6 +288,15 @@ def test_bundled_smollm2_loads(smollm2_gguf):
     with torch.inference_mode():
         logits = loaded.model(**batch).logits
     assert logits.shape == (1, batch["input_ids"].shape[1], loaded.model.config.vocab_size)
+    # Dense and trainable, and save_pretrained writes it (dequantised) so from_pretrained reads it back.
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in loaded.model.parameters())
+    out = tmp_path / "dense"
+    loaded.model.save_pretrained(out)
+    from transformers import LlamaForCausalLM
+
+    back = LlamaForCausalLM.from_pretrained(out)
+    name, weight = next(iter(loaded.model.state_dict().items()))
+    assert torch.equal(back.state_dict()[name], weight)
 
 
 def test_tests_never_use_the_user_cache():
