@@ -423,6 +423,14 @@ def _ensure_loaded(src: _Source, kind: str, device: str) -> LoadedModel:
 # --------------------------------------------------------------------------- texts
 
 
+def _lookup(fields: dict[str, Any], cache_dir: str | os.PathLike | None, n: int) -> tuple[str, np.ndarray | None]:
+    """The cache key of ``fields`` and the cached embeddings, if a complete entry exists."""
+    key = cache_key(fields)
+    cached = load_cached(key, cache_dir, n=n)
+    log.info("embed cache %s: %s", "hit" if cached is not None else "miss", embed_cache_dir(cache_dir) / key)
+    return key, cached
+
+
 def text_cache_fields(*, path: str, revision: str | None, pooling: str, normalize: bool,
                       max_length: int, text_mode: str, compute: str, data_sha256: str) -> dict[str, Any]:
     """The fields hashed into a text cache key (also stored in the manifest)."""
@@ -494,13 +502,10 @@ def encode_texts(
         fields = text_cache_fields(path=src.path, revision=src.revision, pooling=pooling, normalize=normalize,
                                    max_length=length, text_mode=text_mode, compute=compute,
                                    data_sha256=texts_sha256(texts))
-        key = cache_key(fields)
+        key, cached = _lookup(fields, cache_dir, n)
         entry = embed_cache_dir(cache_dir) / key
-        cached = load_cached(key, cache_dir, n=n)
         if cached is not None:
-            log.info("embed cache hit: %s", entry)
             return done(cached, True)
-        log.info("embed cache miss: %s", entry)
 
     from mmkit.core.data import input_order_batches, length_sorted_batches, tokenize_flat
 
@@ -650,13 +655,10 @@ def encode_images(
                   "revision": src.revision, "files": fp["files"], "weights": fp["weights"],
                   "pooling": "projected", "normalize": bool(normalize), "compute": compute,
                   "images_sha256": images_sha256(images, root)}
-        key = cache_key(fields)
+        key, cached = _lookup(fields, cache_dir, n)
         entry = embed_cache_dir(cache_dir) / key
-        cached = load_cached(key, cache_dir, n=n)
         if cached is not None:
-            log.info("embed cache hit: %s", entry)
             return done(cached, True)
-        log.info("embed cache miss: %s", entry)
 
     lm = _ensure_loaded(src, "dual-encoder", device)
     emb = _run_image_batches(lm.model, _image_processor_of(src.preprocessor), images, root, batch_size,

@@ -311,3 +311,11 @@ def test_encode_images_errors(tiny_clip, tiny_bert, tmp_path):
 
 def test_embed_cache_dir_is_under_the_shared_root(tmp_path):
     assert E.embed_cache_dir(tmp_path / "flag") == tmp_path / "flag" / "embed"
+
+
+def test_cache_hit_reports_its_entry(tiny_bert, tmp_path):
+    texts = ["a dog", "a cat sat"]
+    _, first = E.encode_texts(texts, tiny_bert, cache_dir=tmp_path, return_info=True, progress=False)
+    _, again = E.encode_texts(texts, tiny_bert, cache_dir=tmp_path, return_info=True, progress=False)
+    assert again.cache_hit and not first.cache_hit
+    assert again.cache_path == first.cache_path and (tmp_path / "embed").is_dir()
