@@ -146,7 +146,11 @@ def _build(cls: type[C], values: Mapping[str, Any], prefix: str, source: str | N
         if dataclasses.is_dataclass(ftype):
             if not isinstance(value, Mapping):
                 raise _error("expected a mapping of keys", dotted, source, lines)
-            kwargs[key] = _build(ftype, value, dotted + ".", source, lines)
+            # Start from the parent's default for this section, which may differ from the
+            # section class's own defaults (a method's paper defaults for its TrainConfig).
+            merged = _field_default(fields[key])
+            _merge(merged, value)
+            kwargs[key] = _build(ftype, merged, dotted + ".", source, lines)
         else:
             kwargs[key] = _coerce(value, ftype, dotted, source, lines)
     try:
@@ -157,6 +161,15 @@ def _build(cls: type[C], values: Mapping[str, Any], prefix: str, source: str | N
     if check is not None:
         check()
     return cfg
+
+
+def _field_default(f: dataclasses.Field) -> dict[str, Any]:
+    """A nested section's default values as a plain dict ({} when the field has no default)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return config_dict(f.default_factory())
+    if f.default is not dataclasses.MISSING and dataclasses.is_dataclass(f.default):
+        return config_dict(f.default)
+    return {}
 
 
 def _error(message: str, dotted: str, source: str | None, lines: dict[str, int | str]) -> ConfigError:

@@ -42,6 +42,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, _mode(0o666))  # mkstemp makes 0600; published files get the usual umask
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as fh:
             yield fh
@@ -52,6 +53,13 @@ def atomic_write(path: str | os.PathLike, mode: str = "w", encoding: str | None 
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _mode(full: int) -> int:
+    """``full`` permissions less the process umask (what ``open`` would have given)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return full & ~umask
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
@@ -137,6 +145,7 @@ def atomic_dir(path: str | os.PathLike, overwrite: bool = False):
         raise MmkitError("already exists (pass --overwrite to replace it)", file=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, _mode(0o777))
     try:
         yield tmp
     except BaseException:
@@ -491,6 +500,24 @@ class RunDir:
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
+
+    def discard(self) -> None:
+        """Remove a run folder this run created, after a user mistake: nothing half-written stays."""
+        logger = logging.getLogger("mmkit")
+        for h in [h for h in logger.handlers if getattr(h, "_mmkit_run_log", False)]:
+            logger.removeHandler(h)
+            h.close()
+        if not self.resumed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def guard(self):
+        """Discard this run's folder if the block raises a user mistake (:class:`MmkitError`)."""
+        try:
+            yield self
+        except MmkitError:
+            self.discard()
+            raise
 
     def attach_log(self) -> logging.Handler:
         """Append mmkit's log records to ``log.txt`` here (instead of a previous run's folder)."""

@@ -127,3 +127,13 @@ def test_errors_point_at_the_source_that_set_the_value(tmp_path):
     assert str(err.value) == "epochs: expected an integer, got 'x'"  # the flag, not c.yaml:1
     with pytest.raises(ConfigError, match=r"^--set optt: unknown key \(did you mean 'optim'\?\)"):
         load_config(Cfg, sets=["optt.lr=3"])
+
+
+def test_a_section_keeps_its_parents_defaults_when_one_key_is_set():
+    @dataclass
+    class Method:
+        optim: Optim = field(default_factory=lambda: Optim(lr=5e-6, betas=(0.8, 0.9)))
+
+    cfg = load_config(Method, sets=["optim.lr=1e-4"])
+    assert cfg.optim == Optim(lr=1e-4, betas=(0.8, 0.9))
+    assert load_config(Method).optim == Optim(lr=5e-6, betas=(0.8, 0.9))

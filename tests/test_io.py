@@ -303,3 +303,29 @@ def test_write_records_round_trips_through_the_readers(tmp_path, fmt):
     path = mio.write_records(tmp_path / "out", recs, fmt)
     assert mio.detect_format(str(path)) == fmt
     assert [dict(r) for r in mio.read_records(str(path))] == recs
+
+
+def test_atomic_outputs_get_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        mio.write_json(tmp_path / "a.json", {})
+        with mio.atomic_dir(tmp_path / "d"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o755
+
+
+def test_discard_removes_a_new_run_but_never_a_resumed_one(tmp_path):
+    run = mio.open_run_dir(tmp_path / "new", "toy")
+    run.discard()
+    assert not (tmp_path / "new").exists()
+    first = mio.open_run_dir(tmp_path / "old", "toy")
+    (first / "results.json").write_text("{}")
+    again = mio.open_run_dir(tmp_path / "old", "toy")
+    again.discard()
+    assert (tmp_path / "old" / "results.json").exists()

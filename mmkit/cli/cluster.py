@@ -197,7 +197,8 @@ def train(
                    **{"train.lr": lr, "train.epochs": epochs, "train.max_steps": max_steps,
                       "train.batch_size": batch_size, "train.grad_accum": grad_accum,
                       "train.log_every": logging_steps, "train.seed": seed})
-    cfg = load_config(SFTConfig, file=config, flags={**apply_preset(preset), **flags}, sets=set_ or [])
+    given = {k: v for k, v in flags.items() if v is not None}  # explicit flags override the preset
+    cfg = load_config(SFTConfig, file=config, flags={**apply_preset(preset), **given}, sets=set_ or [])
     results = run_sft(cfg, out, overwrite=overwrite)
     if json_:
         print_results(results)

@@ -79,7 +79,7 @@ class ClusterConfig:
         if not self.data:
             raise MmkitError("a data file, directory, hub id, builtin:sharegpt or - is required", field="DATA")
         if self.k is not None and self.metric == "task":
-            raise MmkitError("--k has no meaning with --metric task (groups are the task labels)", field="--k")
+            raise MmkitError("has no meaning with --metric task (the groups are the task labels)", field="--k")
         for name in ("world_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:
                 raise MmkitError(f"expected an integer >= 1, got {getattr(self, name)}", field=f"--{name.replace('_', '-')}")
@@ -113,12 +113,15 @@ class Grouping:
     centroids: np.ndarray | None
     report: dict[str, Any]
     U: int | None
+    load_s: float
 
 
 def group_records(cfg: ClusterConfig) -> Grouping:
     """Read, sample, group, then apply the small-group policy when a batch size gives U."""
+    t0 = time.perf_counter()
     records = load_records(cfg.data, cfg.fields(), format=cfg.format, split=cfg.split,
                            on_invalid=cfg.on_invalid, need_task=cfg.metric == "task")
+    load_s = time.perf_counter() - t0
     if cfg.sample:
         records = records.sample(cfg.sample, cfg.seed)
     result = METRICS.resolve(cfg.metric, field="--metric")(records, cfg.metric_options())
@@ -130,11 +133,11 @@ def group_records(cfg: ClusterConfig) -> Grouping:
         report = {"U": None, "policy": cfg.small_groups, "groups": {}, "examples": 0,
                   "sizes": dict(zip(ids.tolist(), sizes.tolist()))}
         return Grouping(records, result, result.labels, list(result.names), [[i] for i in range(len(result.names))],
-                        result.centroids, report, None)
+                        result.centroids, report, None, load_s)
     info = group_info(cfg.metric, result.labels, result.names, result.centroids, result.extra.get("lengths"))
     small = apply_small_groups(result.labels, U, cfg.small_groups, info)
     return Grouping(records, result, small.labels, small.names, small.merged_from,
-                    _merged_centroids(result, small.merged_from), small.report, U)
+                    _merged_centroids(result, small.merged_from), small.report, U, load_s)
 
 
 def group_info(metric: str, labels: np.ndarray, names: Sequence[str], centroids: np.ndarray | None,
@@ -198,36 +201,43 @@ def run_grouping(cfg: ClusterConfig, out: str | None, overwrite: bool = False, a
     """The whole grouping run; returns ``results.json`` (or, with ``out == "-"``, streams records)."""
     t0 = time.perf_counter()
     if out == "-" and cfg.batch_size:
-        raise MmkitError("--out - streams records only; --batch-size needs a run directory for order.jsonl",
-                         field="--out")
+        raise MmkitError("streams records only; --batch-size needs a run directory for order.jsonl",
+                         field="--out -")
     if out == "-":
         write_jsonl("-", grouped_rows(group_records(cfg)))
         return {}
     run = start_run(out, COMMAND, cfg, overwrite=overwrite)
-    g = group_records(cfg)
-    t_grouped = time.perf_counter()
+    with run.guard():
+        g = group_records(cfg)
+    extra = g.metric.extra
+    timings = {"load": g.load_s, **extra.get("timings", {})}
+    t_summary = time.perf_counter()
     qb = cfg.batch_size or DEFAULT_BATCH_SIZE
     grouped_b, random_b = quality_batches(g.labels, qb, cfg.seed)
-    extra = g.metric.extra
-    summary = build_summary(
+    summary_args = dict(
         records=g.records, metric=cfg.metric, labels=g.labels, names=g.names,
         k_requested=cfg.k or DEFAULT_K.get(cfg.metric), params=config_dict(cfg), small_groups=g.report,
         merged_from=g.merged_from, centroids=g.centroids, embeddings=extra.get("embeddings"),
         lengths=extra.get("lengths"), grouped_batches=grouped_b, random_batches=random_b, batch_size=qb,
-        inertia=extra.get("inertia"), kmeans=extra.get("kmeans"),
-        timings={**extra.get("timings", {}), "total": time.perf_counter() - t0}, argv=argv, seed=cfg.seed)
+        inertia=extra.get("inertia"), kmeans=extra.get("kmeans"), argv=argv, seed=cfg.seed)
+    summary = build_summary(**summary_args, timings=timings)
+    timings["summary"] = time.perf_counter() - t_summary
+    t_write = time.perf_counter()
     grouped_path = write_records(run / "grouped", grouped_rows(g), cfg.grouped_format)
-    write_json(run / "summary.json", summary)
     if g.centroids is not None and cfg.metric == "embedding":
         _write_centroids(run / "centroids.safetensors", g.centroids)
     if cfg.batch_size:
         write_order(run / "order.jsonl", g.labels, cfg.batch_size, cfg.world_size, cfg.grad_accum, cfg.epochs,
                     cfg.seed, cfg.small_groups,
                     group_info(cfg.metric, g.labels, g.names, g.centroids, extra.get("lengths")))
+    timings["write"] = time.perf_counter() - t_write
+    timings["total"] = time.perf_counter() - t0
+    summary["timings_s"] = {k: round(v, 3) for k, v in timings.items() if v is not None}
+    write_json(run / "summary.json", summary)
     sizes = [grp["size"] for grp in summary["groups"]]
     models = {"encoder": {"id": cfg.encoder, "revision": None}} if cfg.metric == "embedding" else {}
     log.info("grouped %d records into %d groups in %.1f s; %s", len(g.records), len(g.names),
-             t_grouped - t0, grouped_path)
+             timings["total"], grouped_path)
     return write_results(
         run, method=cfg.metric, config=config_dict(cfg), seed=cfg.seed, models=models,
         data=fingerprint(cfg.data, len(g.records)),
@@ -287,8 +297,9 @@ def run_order(cfg: OrderConfig, out: str | None, overwrite: bool = False) -> dic
     summary = Path(cfg.grouped).expanduser().parent / "summary.json"
     info = GroupInfo.from_summary(summary) if summary.exists() else None
     run: RunDir = start_run(out, COMMAND, cfg, overwrite=overwrite)
-    header = write_order(run / "order.jsonl", labels, cfg.batch_size, cfg.world_size, cfg.grad_accum,
-                         cfg.epochs, cfg.seed, cfg.small_groups, info)
+    with run.guard():
+        header = write_order(run / "order.jsonl", labels, cfg.batch_size, cfg.world_size, cfg.grad_accum,
+                             cfg.epochs, cfg.seed, cfg.small_groups, info)
     if cfg.materialize:
         rows = list(read_records(cfg.grouped))
         sampler = GroupedBatchSampler(labels, cfg.batch_size, world_size=cfg.world_size, rank=0,

@@ -291,8 +291,8 @@ def error_small(labels: np.ndarray, U: int, info: GroupInfo | None = None) -> Sm
     small = sizes < U
     if small.any():
         listing = _listing(dict(zip(ids[small].tolist(), sizes[small].tolist())))
-        raise MmkitError(f"groups smaller than U = B*W*A = {U} examples: {listing}; use small_groups "
-                         "'merge' or 'drop', or lower the batch size", field="small_groups")
+        raise MmkitError(f"groups smaller than U = B*W*A = {U} examples: {listing}; use merge or drop "
+                         "(--small-groups / small_groups=), or lower the batch size", field="small_groups")
     return _relabel(labels, ids, sizes, ids.copy(), U, "error", info)
 
 

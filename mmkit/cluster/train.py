@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -251,20 +252,30 @@ def _step_group(labels: np.ndarray):
 
 def run_sft(cfg: SFTConfig, out: str | None, overwrite: bool = False) -> dict[str, Any]:
     """Train ``cfg.model`` once per ordering from the same initial weights; compare held-out loss."""
+    from mmkit.io import start_run
+
+    run = start_run(out, "cluster-instructions", cfg, overwrite=overwrite)
+    with run.guard():
+        return _train_orderings(cfg, run)
+
+
+def _train_orderings(cfg: SFTConfig, run: Any) -> dict[str, Any]:
+    from mmkit.cluster.groups import GroupInfo
     from mmkit.cluster.records import RecordFields, load_records
     from mmkit.cluster.sampler import GroupedBatchSampler, RandomBatchSampler
     from mmkit.config import config_dict
     from mmkit.core.models import load_model
     from mmkit.core.train import train
-    from mmkit.io import fingerprint, start_run, write_json, write_results
+    from mmkit.io import fingerprint, write_json, write_results
 
-    run = start_run(out, "cluster-instructions", cfg, overwrite=overwrite)
     records = load_records(cfg.grouped, RecordFields(), grouped=True)
     if cfg.records:
         records = records.subset(np.arange(min(cfg.records, len(records))))
     groups = np.array([rec.require("group", int) for rec in records.records], dtype=np.int64)
     orderings = list(ORDERINGS) if cfg.ordering == "both" else [cfg.ordering]
     samplers = {"commonit": GroupedBatchSampler, "random": RandomBatchSampler}
+    summary = Path(cfg.grouped).expanduser().parent / "summary.json"
+    info = GroupInfo.from_summary(summary) if summary.exists() else None  # merge small groups as grouped
     results: dict[str, Any] = {}
     loaded = load_model(cfg.model, "causal-lm", gguf_file=cfg.gguf_file, dtype="auto")
     initial = {k: v.detach().clone() for k, v in loaded.model.state_dict().items()}
@@ -285,7 +296,7 @@ def run_sft(cfg: SFTConfig, out: str | None, overwrite: bool = False) -> dict[st
     for ordering in orderings:
         loaded.model.load_state_dict(initial)  # the same initial weights for every ordering
         sampler = samplers[ordering](labels[train_idx], cfg.train.batch_size, accumulation_steps=cfg.train.grad_accum,
-                                     seed=cfg.seed, small_groups=cfg.small_groups)
+                                     seed=cfg.seed, small_groups=cfg.small_groups, group_info=info)
         steps = _step_group(labels[train_idx])
         result = train(loaded.model, sft_loss, train_set, cfg.train, run / ordering, collate_fn=collate,
                        eval_fn=evaluate if len(eval_set) else None, callbacks=[steps], batch_sampler=sampler,

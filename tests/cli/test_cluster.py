@@ -172,4 +172,26 @@ def test_tokenizer_that_cannot_be_loaded(tmp_path, data):
 
 def test_k_with_task_is_an_error(tmp_path, data):
     line = one_error_line(invoke(str(data), "--metric", "task", "--k", "3", "--out", str(tmp_path / "o")))
-    assert "--k has no meaning with --metric task" in line
+    assert "--k: has no meaning with --metric task" in line
+
+
+def test_bad_input_leaves_no_run_directory(tmp_path, data, tiny_bert):
+    out = tmp_path / "o"
+    one_error_line(invoke(str(data), "--metric", "embedding", "--encoder", tiny_bert, "--k", "100", "--out", str(out)))
+    assert not out.exists()
+
+
+def test_train_preset_survives_unset_flags_and_keeps_recipe_defaults(tmp_path, monkeypatch):
+    """--preset values reach the config unless a flag is given; unset training keys keep the
+    recipe's (paper) defaults, not the generic loop's."""
+    import mmkit.cluster.train as sft
+
+    seen = {}
+    monkeypatch.setattr(sft, "run_sft", lambda cfg, out, overwrite=False: seen.setdefault("cfg", cfg) and {})
+    assert invoke("train", "g.jsonl", "--preset", "cpu-demo", "--batch-size", "4").exit_code == 0
+    cfg = seen.pop("cfg")
+    assert (cfg.max_length, cfg.records, cfg.train.max_steps, cfg.train.lr) == (512, 2000, 200, 5e-5)
+    assert cfg.train.batch_size == 4
+    assert invoke("train", "g.jsonl", "--max-steps", "3").exit_code == 0
+    cfg = seen.pop("cfg")
+    assert (cfg.train.lr, cfg.train.epochs, cfg.train.warmup_ratio, cfg.train.max_steps) == (5e-6, 3, 0.03, 3)
