@@ -21,7 +21,7 @@ from mmkit.cluster.sampler import GroupedBatchSampler, RandomBatchSampler, load_
 from mmkit.cluster.summary import DEFAULT_BATCH_SIZE, build_summary, length_stats
 from mmkit.config import config_dict
 from mmkit.errors import MmkitError
-from mmkit.io import (RunDir, fingerprint, read_records, start_run, write_json, write_jsonl, write_records,
+from mmkit.io import (RunDir, atomic_write, fingerprint, read_records, start_run, write_json, write_jsonl, write_records,
                       write_results)
 
 log = logging.getLogger("mmkit")
@@ -249,11 +249,10 @@ def run_grouping(cfg: ClusterConfig, out: str | None, overwrite: bool = False, a
 
 
 def _write_centroids(path: Path, centroids: np.ndarray) -> None:
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({"centroids": np.ascontiguousarray(centroids, dtype=np.float32)}, str(tmp))
-    tmp.replace(path)
+    with atomic_write(path, "wb") as fh:
+        fh.write(save({"centroids": np.ascontiguousarray(centroids, dtype=np.float32)}))
 
 
 def write_order(path: Path, labels: np.ndarray, B: int, W: int, A: int, epochs: int, seed: int,
