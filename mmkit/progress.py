@@ -40,7 +40,7 @@ def setup_logging(verbose: bool = False) -> None:
 
         handler: logging.Handler = RichHandler(show_path=False, show_time=False)
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     handler._mmkit_console = True  # type: ignore[attr-defined]
     # -q quiets the console only; log.txt (a file handler on the same logger) keeps INFO lines.
@@ -48,6 +48,21 @@ def setup_logging(verbose: bool = False) -> None:
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at emit time (test runners and pipelines swap it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 class Progress:
