@@ -395,12 +395,20 @@ def _read_hub(source: str, opts: dict) -> Iterator[Record]:
 
 @READERS.register("dir")
 def _read_dir(source: str, opts: dict) -> Iterator[Record]:
-    files = sorted(p for p in Path(source).expanduser().iterdir()
-                   if p.is_file() and p.suffix.lower() in {".jsonl", ".json", ".csv", ".tsv", ".parquet"})
-    if not files:
-        raise DataError("no record files (.jsonl, .json, .csv, .tsv, .parquet) in this directory", file=source)
-    for path in files:
+    for path in record_files(source):
         yield from READERS.resolve(detect_format(str(path)))(str(path), opts)
+
+
+RECORD_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
+
+
+def record_files(source: str, key: Callable[[Path], Any] | None = None) -> list[Path]:
+    """The record files of a directory, in lexicographic order (or sorted by ``key``)."""
+    files = sorted((p for p in Path(source).expanduser().iterdir()
+                    if p.is_file() and p.suffix.lower() in RECORD_SUFFIXES), key=key)
+    if not files:
+        raise DataError(f"no record files ({', '.join(RECORD_SUFFIXES)}) in this directory", file=source)
+    return files
 
 
 @READERS.register("builtin")

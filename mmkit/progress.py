@@ -9,9 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Iterable, Iterator, TypeVar
 
-T = TypeVar("T")
 log = logging.getLogger("mmkit")
 _QUIET = False
 
@@ -111,13 +109,3 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def track(items: Iterable[T], description: str, total: int | None = None) -> Iterator[T]:
-    """Iterate with a :class:`Progress`."""
-    if total is None and hasattr(items, "__len__"):
-        total = len(items)  # type: ignore[arg-type]
-    with Progress(total, description) as bar:
-        for item in items:
-            yield item
-            bar.update()

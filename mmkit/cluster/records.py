@@ -21,14 +21,13 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from mmkit.errors import DataError, MmkitError
-from mmkit.io import Record, detect_format, fingerprint, read_records
+from mmkit.io import Record, detect_format, fingerprint, read_records, record_files
 from mmkit.registry import Registry
 
 log = logging.getLogger("mmkit")
 
 SYSTEM_ROLE = "system"
 ON_INVALID = ("error", "skip")
-DIR_SUFFIXES = (".jsonl", ".json", ".csv", ".tsv", ".parquet")
 _MISSING = object()
 
 
@@ -246,11 +245,7 @@ def file_order_key(name: str) -> tuple:
 
 
 def _read_directory(source: str, on_invalid: str) -> Iterator[tuple[Record, str]]:
-    files = sorted((p for p in Path(source).expanduser().iterdir()
-                    if p.is_file() and p.suffix.lower() in DIR_SUFFIXES), key=lambda p: file_order_key(p.name))
-    if not files:
-        raise DataError(f"no record files ({', '.join(DIR_SUFFIXES)}) in this directory", file=source)
-    for path in files:
+    for path in record_files(source, key=lambda p: file_order_key(p.name)):
         for rec in read_records(str(path), on_invalid=on_invalid):
             yield rec, path.name
 

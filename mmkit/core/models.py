@@ -265,14 +265,3 @@ def _load_preprocessor(which: str, path: str, name: str, common: dict[str, Any])
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def save_pretrained_atomic(model: Any, preprocessor: Any, out: str | os.PathLike) -> Path:
-    """Save a model (safetensors) and its preprocessor so ``from_pretrained(out)`` loads them."""
-    from mmkit.io import atomic_dir
-
-    with atomic_dir(out, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if preprocessor is not None:
-            preprocessor.save_pretrained(tmp)
-    return Path(out)

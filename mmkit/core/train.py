@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from mmkit.core.seeding import stable_rng
 from mmkit.errors import ConfigError, MmkitError
-from mmkit.io import write_json, write_jsonl
+from mmkit.io import atomic_dir, write_json, write_jsonl
 from mmkit.progress import Progress
 from mmkit.registry import Registry
 
@@ -448,7 +448,8 @@ def train(
     if final_dir is not None:
         model_dir = out / final_dir
         if accelerator.is_main_process:
-            _replace_dir(model_dir, lambda tmp: save(accelerator.unwrap_model(model), tmp))
+            with atomic_dir(model_dir, overwrite=True) as tmp:
+                save(accelerator.unwrap_model(model), tmp)
     for cb in callbacks:
         cb.on_train_end(state)
     accelerator.end_training()
@@ -500,18 +501,6 @@ def _save_weights(model: torch.nn.Module, directory: Path, preprocessor: Any = N
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(directory / "model.safetensors"))
     if preprocessor is not None:
         preprocessor.save_pretrained(directory)
-
-
-def _replace_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    fill(tmp)
-    old = target.with_name(f".{target.name}.old")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _checkpoint(state: TrainState, save: Callable, callbacks: Sequence[Callback]) -> None:
