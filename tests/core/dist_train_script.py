@@ -1,5 +1,6 @@
 """Run by test_train_distributed.py under torchrun: trains a tiny model on 2 CPU processes and
-prints what this rank saw and its final weights as one JSON line."""
+writes what this rank saw and its final weights to ``<out>/rank-<r>.json`` (a file per rank:
+the ranks' stdout lines can interleave)."""
 
 import json
 import sys
@@ -25,5 +26,7 @@ data = [{"x": torch.tensor([float(i), 1.0]), "y": torch.tensor(float(i % 3))} fo
 torch.manual_seed(0)
 model = torch.nn.Linear(2, 1)
 result = train(model, loss, data, TrainConfig(epochs=2, batch_size=4, lr=0.01), sys.argv[1], callbacks=[Record()])
-print(json.dumps({"rank": PartialState().process_index, "world": PartialState().num_processes,
-                  "step": result.step, "seen": seen, "w": [p.tolist() for p in model.parameters()]}))
+rank = PartialState().process_index
+with open(f"{sys.argv[1]}/rank-{rank}.json", "w") as fh:
+    json.dump({"rank": rank, "world": PartialState().num_processes, "step": result.step, "seen": seen,
+               "w": [p.tolist() for p in model.parameters()]}, fh)
