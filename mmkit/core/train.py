@@ -73,6 +73,7 @@ class TrainConfig:
     eval_every: int = 0  # optimizer steps; 0 = at the end of each epoch
     save_every: int = 0  # optimizer steps, besides the checkpoint at every epoch end; 0 = epoch ends only
     keep_checkpoints: int = 2
+    checkpoints: bool = True  # False: no checkpoints and no resume (short throwaway runs)
     log_every: int = 10
     num_workers: int = 0
     param_groups: list[ParamGroup] = field(default_factory=list)
@@ -380,7 +381,7 @@ def train(
         optimizer, lambda s: schedule(s // n_proc, warmup, total)))
 
     state = TrainState(0, 0, 0, total, out, accelerator, model, config)
-    resumed_from = _resume(accelerator, state, out)
+    resumed_from = _resume(accelerator, state, out) if config.checkpoints else None
     history_path = out / "train_log.jsonl"
     history = _truncate_log(history_path, state.step) if accelerator.is_main_process else []
     evaluations = _truncate_log(out / "eval_log.jsonl", state.step) if accelerator.is_main_process else []
@@ -432,7 +433,8 @@ def train(
             if eval_fn and (config.eval_every and state.step % config.eval_every == 0
                             or not config.eval_every and end_of_epoch or state.step == total):
                 evaluations.append(_evaluate(eval_fn, state, callbacks))
-            if (config.save_every and state.step % config.save_every == 0) or end_of_epoch or state.step == total:
+            if config.checkpoints and ((config.save_every and state.step % config.save_every == 0)
+                                       or end_of_epoch or state.step == total):
                 _checkpoint(state, save, callbacks)
             if state.step >= total:
                 break
