@@ -21,6 +21,7 @@ from mmkit.errors import EXIT_USER_ERROR, MmkitError
 SUBCOMMANDS: list[tuple[str, str]] = [
     ("prune-data", "mmkit.cli.prune:app"),
     ("cluster-instructions", "mmkit.cli.cluster:app"),
+    ("evaluate", "mmkit.cli.evaluate:app"),
 ]
 
 

@@ -1,0 +1,131 @@
+"""``mmkit evaluate``: parse, build a config, call the benchmark module, render the result."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from mmkit.cli.common import ConfigOpt, JsonOpt, OutOpt, OverwriteOpt, SeedOpt, SetOpt, print_results
+
+RETRIEVAL_EXAMPLES = """
+Examples:
+
+  mmkit evaluate retrieval --model openai/clip-vit-base-patch32 --dataset flickr30k --split test --data dataset_flickr30k.json --image-root IMG
+
+  mmkit evaluate retrieval --model ckpt1 --model ckpt2 --model ckpt3 --dataset coco --data dataset_coco.json --image-root IMG --out runs/ret
+
+  mmkit evaluate retrieval --model openai/clip-vit-base-patch16 --rerank-model Salesforce/blip-itm-base-coco --rerank-k 128 --dataset coco --data dataset_coco.json --image-root IMG
+
+  mmkit evaluate retrieval --embeddings scores.safetensors --dataset custom --out runs/ret-pre --json | jq .metrics.rsum
+
+  mmkit evaluate retrieval --model ./clip --data pairs.jsonl --recall-k 50 --protocol 1k --sim-chunk-mb 64
+"""
+
+app = typer.Typer(
+    help="Benchmarks: image-text retrieval (built); MMR, RealBench, SNARE, MMT, CHAIR/POPE and "
+    "representation similarity are planned. Example: mmkit evaluate retrieval --model M --data pairs.jsonl",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+Str = Optional[str]
+Int = Optional[int]
+NOT_CONFIG = {"out", "json_", "overwrite", "config", "set_"}  # run options, not config keys
+
+
+@app.command("list", help="List the registered benchmarks, the capability each needs and its hooks.")
+def list_benchmarks() -> None:
+    from mmkit.evaluate import BENCHMARKS, get_benchmark, hooks
+
+    for name in sorted(BENCHMARKS):
+        bench = get_benchmark(name)
+        typer.echo(f"{name}\tneeds {bench.needs}\thooks {','.join(hooks(bench))}\tversion {bench.version}")
+
+
+@app.command("retrieval", help="Image-text retrieval: Recall@1/5/10 both ways, RSUM, MedR, MeanR; full "
+             "ranking or COCO 1k folds; a dual encoder, ITM re-ranking of its shortlist, or precomputed "
+             "embeddings/scores.", epilog=RETRIEVAL_EXAMPLES)
+def retrieval(
+    model: Annotated[Optional[list[str]], typer.Option(
+        "--model", help="Dual encoder id or dir; repeat for several checkpoints/seeds (mean +- std).")] = None,
+    data: Annotated[Str, typer.Option(help="mmkit JSONL {image, captions, group?}, Karpathy JSON, or a hub id.")] = None,
+    image_root: Annotated[Str, typer.Option(help="Folder of relative image paths (default: the data file's folder).")] = None,
+    dataset: Annotated[Str, typer.Option(help="flickr30k | coco | custom  [default: custom]")] = None,
+    split: Annotated[Str, typer.Option(help="Karpathy / hub split [default: test]")] = None,
+    protocol: Annotated[Str, typer.Option(help="auto | full | 5k | 1k  [default: auto = both for coco]")] = None,
+    captions_per_image: Annotated[Str, typer.Option(help="First k captions per image, or all "
+                                                    "[default: 5 for flickr30k/coco, all for custom]")] = None,
+    image_field: Annotated[Str, typer.Option(help="Image field of hub records [default: image]")] = None,
+    captions_field: Annotated[Str, typer.Option(help="Captions field of hub records [default: captions]")] = None,
+    embeddings: Annotated[Str, typer.Option(
+        "--embeddings", "--predictions",
+        help="safetensors: image_embeds + text_embeds, or sims; with text_to_image.")] = None,
+    ensemble: Annotated[Str, typer.Option(help="More dual encoders, comma-separated: mean of their scores.")] = None,
+    rerank_model: Annotated[Str, typer.Option(help="ITM model (BLIP ITM, ViLT, a dcd student) re-ranking the "
+                                              "shortlist.")] = None,
+    rerank_k: Annotated[Str, typer.Option(help="Shortlist size per query, or all  [default: 128]")] = None,
+    recall_k: Annotated[Str, typer.Option(help="Extra K values besides 1,5,10, comma-separated.")] = None,
+    sim_chunk_mb: Annotated[Optional[float], typer.Option(help="Score block budget in MB [default: 256]")] = None,
+    batch_size: Annotated[Int, typer.Option(help="Encoder / ITM batch size [default: 64]")] = None,
+    device: Annotated[Str, typer.Option(help="auto | cpu | cuda")] = None,
+    dtype: Annotated[Str, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
+    revision: Annotated[Str, typer.Option(help="Model revision (hub commit).")] = None,
+    cache_dir: Annotated[Str, typer.Option(help="Cache root [default: $MMKIT_CACHE or ~/.cache/mmkit]")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the embedding cache.")] = False,
+    save_topk: Annotated[Int, typer.Option(help="Write top-K gallery ids per query to predictions.jsonl.")] = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    json_: JsonOpt = False,
+    overwrite: OverwriteOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    flags = {k: v for k, v in locals().items() if k not in NOT_CONFIG}
+    flags["no_cache"] = True if no_cache else None  # a bool flag counts only when given
+    from mmkit.config import load_config
+    from mmkit.evaluate.retrieval import RetrievalConfig, run
+
+    cfg = load_config(RetrievalConfig, file=config, flags=flags, sets=set_ or [])
+    results = run(cfg, out, overwrite=overwrite)
+    _render(results)
+    if json_:
+        print_results(results)
+
+
+def _render(results: dict) -> None:
+    """A rich table of the main metrics on stderr (two decimals), then the run folder."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmkit.progress import is_quiet
+
+    if is_quiet():
+        return
+    metrics, agg = results["metrics"], results.get("aggregate")
+    columns = [("all" if results.get("protocol") != "1k" else "1k (fold mean)", metrics)]
+    if "coco_1k" in metrics:
+        columns = [("5k", metrics), ("1k (fold mean)", metrics["coco_1k"])]
+    n_models = len(results.get("runs") or []) or 1
+    table = Table(title="retrieval" + (f", mean ± std over {n_models} models" if agg else ""))
+    table.add_column("metric")
+    for name, _ in columns:
+        table.add_column(name, justify="right")
+    keys = [k for k in metrics if k.startswith(("i2t_", "t2i_")) or k == "rsum"]
+    for key in keys:
+        cells = []
+        for prefix, (_, block) in zip(("", "coco_1k."), columns):
+            value = block.get(key)
+            cell = "n/a" if value is None else str(value) if isinstance(value, int) else f"{value:.2f}"
+            if agg and agg.get(prefix + key, {}).get("std") is not None:
+                cell += f" ± {agg[prefix + key]['std']:.2f}"
+            cells.append(cell)
+        table.add_row(key, *cells)
+    console = Console(stderr=True)
+    console.print(table)
+    console.print(f"{results['counts']['images']} images, {results['counts']['captions']} captions, "
+                  f"protocol {results['protocol']}")
+    if results.get("rerank"):
+        r = results["rerank"]
+        console.print(f"re-ranked the top {r['k']} of {', '.join(r['shortlist'])} with {r['reranker']}")
+    console.print(f"results in {results['out']}")
