@@ -22,6 +22,7 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("prune-data", "mmkit.cli.prune:app"),
     ("cluster-instructions", "mmkit.cli.cluster:app"),
     ("evaluate", "mmkit.cli.evaluate:app"),
+    ("distill", "mmkit.cli.distill:app"),
 ]
 
 

@@ -1,0 +1,1 @@
+"""Knowledge distillation methods of ``mmkit distill`` (distill.md): ``dcd`` so far."""
