@@ -65,6 +65,8 @@ def retrieval(
     rerank_model: Annotated[Str, typer.Option(help="ITM model (BLIP ITM, ViLT, a dcd student) re-ranking the "
                                               "shortlist.")] = None,
     rerank_k: Annotated[Str, typer.Option(help="Shortlist size per query, or all  [default: 128]")] = None,
+    itm_score: Annotated[Str, typer.Option(help="BLIP re-ranking score: logit (the match logit, as BLIP's own "
+                                           "evaluation and distill dcd) | prob (its softmax) [default: logit]")] = None,
     recall_k: Annotated[Str, typer.Option(help="Extra K values besides 1,5,10, comma-separated.")] = None,
     sim_chunk_mb: Annotated[Optional[float], typer.Option(help="Score block budget in MB [default: 256]")] = None,
     batch_size: Annotated[Int, typer.Option(help="Encoder / ITM batch size [default: 64]")] = None,

@@ -244,6 +244,7 @@ def experiment(
     window: WindowOpt = None,
     budget: Annotated[Str, typer.Option(help="epochs | iterations [default: epochs]")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="2 seeds, keep 0.5, random vs dyn-unc.")] = False,
+    jobs: Annotated[Int, typer.Option(help="Seeds run in parallel processes [default: 1]")] = None,
     out: OutOpt = None, json_: JsonOpt = False, overwrite: OverwriteOpt = False,
     config: ConfigOpt = None, set_: SetOpt = None,
 ) -> None:
@@ -251,6 +252,7 @@ def experiment(
     from mmkit.prune.experiment import ExperimentConfig, run_experiment
 
     flags = {"preset": preset, "epochs": epochs, "window": window, "budget": budget, "quick": quick or None,
+             "jobs": jobs,
              **{k: v.split(",") for k, v in (("methods", methods), ("keeps", keeps), ("seeds", seeds)) if v}}
     cfg = load_config(ExperimentConfig, file=config, flags=flags, sets=set_ or [])
     results = run_experiment(cfg, out, overwrite=overwrite)

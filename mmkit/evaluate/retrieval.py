@@ -48,6 +48,7 @@ class RetrievalConfig:
     embeddings: Optional[str] = None
     rerank_model: Optional[str] = None
     rerank_k: Union[int, str] = 128
+    itm_score: Literal["logit", "prob"] = "logit"  # BLIP: the match logit (BLIP's own evaluation) or its softmax
     recall_k: list[int] = field(default_factory=list)
     fold_size: int = 1000
     sim_chunk_mb: float = 256.0
@@ -328,7 +329,7 @@ class RetrievalBenchmark:
 
         lm = load_model(cfg.rerank_model, "itm", device=cfg.device, dtype=cfg.dtype)
         lm.model.eval()
-        scorer = itm_scorer(lm.model, lm.preprocessor, score="prob")
+        scorer = itm_scorer(lm.model, lm.preprocessor, score=cfg.itm_score)
         length = resolve_max_length(lm.path, lm.model.config, scorer.tokenizer, None)
         fn = ItmPairScorer(scorer, data.images, data.captions, image_batch=cfg.batch_size, max_length=length)
         return fn, {**lm.record(), "backend": "hf", "class": type(lm.model).__name__,

@@ -3,7 +3,8 @@
 For each seed: train the proxy on the whole training split while recording its dynamics (this
 run is also the keep = 1.0 reference), score with every method, keep each fraction, retrain a
 fresh model on each subset with the same seed and report the final-epoch test accuracy.
-Rows are appended to ``results.csv`` as they finish, so a rerun resumes where it stopped.
+Rows are appended to ``seed-S/results.csv`` as they finish, so a rerun resumes where it stopped;
+seeds can run in parallel processes (``jobs``). ``results.csv`` gathers every seed's rows.
 """
 
 from __future__ import annotations
@@ -45,12 +46,15 @@ class ExperimentConfig:
     window: int = 10
     budget: str = "epochs"  # epochs | iterations (retraining matches the full run's optimizer steps)
     quick: bool = False  # 2 seeds, keep 0.5, random vs dyn-unc
+    jobs: int = 1  # seeds run in parallel processes, each with cpu_count // jobs torch threads
     proxy: ProxyConfig = field(default_factory=lambda: ProxyConfig(dtype="float32"))
 
     def resolved(self) -> "ExperimentConfig":
         cfg = replace(self, seeds=[0, 1], keeps=[0.5], methods=["random", "dyn-unc"]) if self.quick else self
         if cfg.preset not in PRESET_MODELS:
             raise ConfigError(f"expected one of {', '.join(PRESET_MODELS)}, got {cfg.preset!r}", field="--preset")
+        if cfg.jobs < 1:
+            raise ConfigError(f"expected at least 1, got {cfg.jobs}", field="--jobs")
         if cfg.budget not in ("epochs", "iterations"):
             raise ConfigError(f"expected epochs or iterations, got {cfg.budget!r}", field="--budget")
         for m in cfg.methods:
@@ -66,11 +70,14 @@ def run_experiment(cfg: ExperimentConfig, out: str | None, overwrite: bool = Fal
     data = load_image_set(cfg.preset)
     run = start_run(out, "prune-data", cfg, overwrite=overwrite)
     with run.guard():
-        done = _read_rows(run.path / "results.csv")
         model = cfg.proxy.model if cfg.proxy.model != "auto" else PRESET_MODELS[cfg.preset]
-        for seed in cfg.seeds:
-            _one_seed(cfg, data, model, seed, run.path, done)
-        rows = _read_rows(run.path / "results.csv")
+        if cfg.jobs == 1 or len(cfg.seeds) == 1:
+            for seed in cfg.seeds:
+                _one_seed(cfg, data, model, seed, run.path)
+        else:
+            _parallel_seeds(cfg, model, run.path)
+        rows = [r for seed in cfg.seeds for r in _read_rows(run.path / f"seed-{seed}" / "results.csv")]
+        _write_csv(run.path / "results.csv", rows, COLUMNS)
         summary = summarise(rows)
         _write_csv(run.path / "summary.csv", summary, ["method", "keep", "n", "mean", "std"])
         plot_accuracy(run.path / "accuracy_vs_keep.png", summary, cfg.preset)
@@ -82,18 +89,45 @@ def run_experiment(cfg: ExperimentConfig, out: str | None, overwrite: bool = Fal
                              flags=flags)
 
 
-def _one_seed(cfg: ExperimentConfig, data: ImageSet, model: str, seed: int, out: Path,
-              done: list[dict[str, Any]]) -> None:
-    have = {(r["method"], float(r["keep"]), int(r["seed"])) for r in done}
+def _parallel_seeds(cfg: ExperimentConfig, model: str, out: Path) -> None:
+    """One process per seed, at most ``jobs`` at a time, splitting the CPU threads between them."""
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    threads = max(1, (os.cpu_count() or 1) // cfg.jobs)
+    with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for job in [pool.submit(_seed_worker, cfg, model, seed, out, threads) for seed in cfg.seeds]:
+            job.result()
+
+
+def _seed_worker(cfg: ExperimentConfig, model: str, seed: int, out: Path, threads: int) -> None:
+    import torch
+
+    from mmkit.progress import set_quiet
+
+    torch.set_num_threads(threads)
+    set_quiet(True)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    _one_seed(cfg, load_image_set(cfg.preset), model, seed, out)
+
+
+def _one_seed(cfg: ExperimentConfig, data: ImageSet, model: str, seed: int, out: Path) -> None:
+    """Record the seed's dynamics, then prune and retrain; rows go to ``seed-S/results.csv``."""
     seed_dir = out / f"seed-{seed}"
+    rows_path = seed_dir / "results.csv"
+    have = {(r["method"], float(r["keep"]), int(r["seed"])) for r in _read_rows(rows_path)}
     start = time.time()
     proxy = record_dynamics(data, cfg.proxy, model, cfg.epochs, seed_dir, seed)
     if ("full", 1.0, seed) not in have:
         acc = proxy.get("test_acc")
         if acc is None:  # resumed after the recording finished: evaluate the saved proxy
             acc = _saved_proxy_accuracy(data, cfg.proxy, model, seed_dir)
-        _append(out / "results.csv", {"method": "full", "keep": 1.0, "seed": seed, "n_train": len(data),
-                                      "test_acc": acc, "train_seconds": round(time.time() - start, 2)})
+        _append(rows_path, {"method": "full", "keep": 1.0, "seed": seed, "n_train": len(data),
+                            "test_acc": acc, "train_seconds": round(time.time() - start, 2)})
     from mmkit.prune.dynamics import open_dynamics
 
     source = open_dynamics(seed_dir / "dynamics", labels=data.labels)
@@ -109,8 +143,8 @@ def _one_seed(cfg: ExperimentConfig, data: ImageSet, model: str, seed: int, out:
                           seed=seed).kept
             acc, seconds = retrain(data, kept, cfg, model, seed, seed_dir / "retrain",
                                    steps_full if cfg.budget == "iterations" else None)
-            _append(out / "results.csv", {"method": spec, "keep": keep, "seed": seed, "n_train": len(kept),
-                                          "test_acc": acc, "train_seconds": seconds})
+            _append(rows_path, {"method": spec, "keep": keep, "seed": seed, "n_train": len(kept),
+                                "test_acc": acc, "train_seconds": seconds})
             log.info("seed %d %s keep %.2f: test accuracy %.2f%% (%d examples, %.0fs)", seed, spec, keep, acc,
                      len(kept), seconds)
 
