@@ -12,7 +12,7 @@ root="${1:-runs/prune-experiment}"
 mmkit="${MMKIT:-mmkit}"
 
 $mmkit prune-data experiment --preset mnist5k --methods random,el2n,forgetting,dyn-unc \
-    --keeps 0.9,0.75,0.5,0.3 --seeds 0,1,2 --epochs 20 --window 10 --out "$root/mnist5k"
-$mmkit prune-data experiment --preset digits --seeds 0,1,2 --epochs 20 --window 10 --out "$root/digits"
+    --keeps 0.9,0.75,0.5,0.3 --seeds 0,1,2 --epochs 20 --window 10 --jobs 2 --out "$root/mnist5k"
+$mmkit prune-data experiment --preset digits --seeds 0,1,2 --epochs 20 --window 10 --jobs 2 --out "$root/digits"
 
 echo "reports: $root/mnist5k/report.md $root/digits/report.md"

@@ -3,6 +3,8 @@
 #   cluster-instructions: 2,000 ShareGPT instructions -> all-MiniLM-L6-v2 embeddings -> k-means
 #   groups (k = 8), the group-pure batch order for 2 GPUs, and a short CommonIT-vs-random SFT of
 #   SmolLM2-135M (GGUF) on 160 grouped pairs.
+#   prune-data: 12 epochs of an MLP on scikit-learn digits, dynamic-uncertainty scores, keep 75 %.
+#   evaluate retrieval: Recall@K and RSUM from a small embeddings file (seeded, planted answer).
 # Idempotent: --overwrite restarts each run; embeddings come from the cache the second time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,9 +20,14 @@ $mmkit cluster-instructions order $out/cluster/grouped.jsonl --batch-size 4 --wo
     --out $out/order-w2 --overwrite
 $mmkit cluster-instructions train $out/cluster/grouped.jsonl --model bundled:smollm2 --preset cpu-demo \
     --records 160 --max-length 128 --max-steps 2 --batch-size 4 --logging-steps 1 --out $out/sft --overwrite
+$mmkit prune-data digits --method dyn-unc --epochs 12 --window 5 --keep 0.75 --out $out/prune-digits --overwrite
+.venv/bin/python examples/retrieval_embeddings.py $out/retrieval_embeddings.safetensors
+$mmkit evaluate retrieval --embeddings $out/retrieval_embeddings.safetensors --out $out/retrieval --overwrite
 
 echo
 echo "quickstart done; results:"
 echo "  $out/cluster/  grouped.jsonl, summary.json (quality: within-batch cosine grouped vs random), results.json"
 echo "  $out/order-w2/ order.jsonl: the same groups planned for 2 GPUs x batch 4"
 echo "  $out/sft/      comparison.json: held-out loss after CommonIT vs random batches"
+echo "  $out/prune-digits/ scores.csv, kept_indices.txt, scores_hist.png, pruned/data.npz, results.json"
+echo "  $out/retrieval/ results.json: i2t/t2i Recall@1/5/10 and RSUM"
