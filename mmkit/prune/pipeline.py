@@ -97,6 +97,9 @@ def run_all(cfg: PruneConfig, out: str | None, overwrite: bool = False) -> dict[
     cfg.proxy.validate()
     data = load_image_set(cfg.dataset, cfg.data)
     cfg.select.check(len(data))
+    if cfg.method == "dyn-unc" and _epochs(cfg) < cfg.score.window:
+        raise ConfigError(f"--epochs {_epochs(cfg)} is smaller than the window J = {cfg.score.window}; use "
+                          f"--window {_epochs(cfg)} or more epochs", field="--window")
     run = start_run(out, "prune-data", cfg, overwrite=overwrite)
     with run.guard():
         training = _record(cfg, data, run)
@@ -209,11 +212,7 @@ def _record(cfg: PruneConfig, data: ImageSet, run: RunDir) -> dict[str, Any]:
     dyn = run.path / "dynamics"
     if completed_epochs(dyn):
         _check_fingerprint(_meta(dyn).get("dataset", {}).get("fingerprint"), data, str(dyn / "meta.json"), cfg.force)
-    epochs = _epochs(cfg)
-    if cfg.method == "dyn-unc" and epochs < cfg.score.window:
-        raise ConfigError(f"--epochs {epochs} is smaller than the window J = {cfg.score.window}; use --window "
-                          f"{epochs} or more epochs", field="--window")
-    return record_dynamics(data, cfg.proxy, _model_name(cfg), epochs, run.path, cfg.seed)
+    return record_dynamics(data, cfg.proxy, _model_name(cfg), _epochs(cfg), run.path, cfg.seed)
 
 
 def _meta(dyn: Path) -> dict[str, Any]:
