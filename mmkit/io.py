@@ -574,8 +574,42 @@ def open_run_dir(out: str | os.PathLike | None, command: str, overwrite: bool = 
     return RunDir(path=path, command=command, resumed=existing)
 
 
+def is_main_process() -> bool:
+    """True unless this is a non-zero rank of a multi-process launch (torchrun, accelerate launch)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def start_run(out: str | os.PathLike | None, command: str, config: Any, overwrite: bool = False) -> RunDir:
-    """Open the run folder, send log lines to its ``log.txt`` and save the resolved ``config.yaml``."""
+    """Open the run folder, send log lines to its ``log.txt`` and save the resolved ``config.yaml``.
+
+    Under a multi-process launch only rank 0 opens (or restarts) the folder; the other ranks
+    wait for it and get its path, marked as resumed so they never delete it.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _open_run(out, command, config, overwrite)
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    # joins the process group; `cpu` as Accelerator reads it, since the first state created wins
+    PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    run, payload = None, [None, None, None]
+    if is_main_process():
+        try:
+            run = _open_run(out, command, config, overwrite)
+            payload = [str(run.path), run.resumed, None]
+        except MmkitError as exc:
+            dist.broadcast_object_list([None, None, str(exc)], src=0)
+            raise
+    dist.broadcast_object_list(payload, src=0)
+    if run is not None:
+        return run
+    if payload[2] is not None:
+        raise MmkitError(payload[2])
+    return RunDir(path=Path(payload[0]), command=command, resumed=True)
+
+
+def _open_run(out: str | os.PathLike | None, command: str, config: Any, overwrite: bool) -> RunDir:
     from mmkit.config import save_config
 
     run = open_run_dir(out, command, overwrite=overwrite)

@@ -107,6 +107,8 @@ def _finish(results: dict, json_: bool) -> None:
 
     from mmkit.progress import is_quiet
 
+    if not results:  # a non-zero rank of a multi-process launch: rank 0 reports
+        return
     if not is_quiet():
         m = results["metrics"]
         line = ", ".join(f"{k} {m[k]:.4g}" if isinstance(m.get(k), float) else f"{k} {m[k]}"

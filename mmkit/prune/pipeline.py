@@ -14,7 +14,7 @@ import numpy as np
 from mmkit import __version__
 from mmkit.config import config_dict
 from mmkit.errors import ConfigError, DataError
-from mmkit.io import RunDir, atomic_write, start_run, write_json, write_results
+from mmkit.io import RunDir, atomic_write, is_main_process, start_run, write_json, write_results
 from mmkit.prune.data import DataOptions, ImageSet, check_indices, load_image_set, read_indices, write_pruned
 from mmkit.prune.proxy import ProxyConfig, record_dynamics
 from mmkit.prune.scores import METHODS, ScoreParams, ScoreResult, compute_scores
@@ -103,6 +103,8 @@ def run_all(cfg: PruneConfig, out: str | None, overwrite: bool = False) -> dict[
     run = start_run(out, "prune-data", cfg, overwrite=overwrite)
     with run.guard():
         training = _record(cfg, data, run)
+        if not is_main_process():  # under accelerate launch rank 0 scores, selects and writes
+            return {}
         sources = _native_sources(cfg, run.path / "dynamics", data)
         result = compute_scores(sources, cfg.method, cfg.score, mem_limit=cfg.mem_limit_mb << 20)
         chosen = _select(cfg, result, data.labels, sources)
@@ -120,6 +122,8 @@ def run_record(cfg: PruneConfig, out: str | None, overwrite: bool = False) -> di
     run = start_run(out, "prune-data", cfg, overwrite=overwrite)
     with run.guard():
         training = _record(cfg, data, run)
+        if not is_main_process():
+            return {}
         metrics = {"N": len(data), "num_classes": data.num_classes, "epochs": _epochs(cfg),
                    "record_mode": cfg.proxy.record_mode, "channels": list(cfg.proxy.channels), **training}
         return write_results(run, method="record", config=config_dict(cfg), metrics=metrics, seed=cfg.seed,

@@ -228,6 +228,7 @@ class RecordCallback(Callback):
 
     def on_train_end(self, state: TrainState) -> None:
         self.recorder.close()
+        state.accelerator.wait_for_everyone()  # every rank's epoch files are complete on return
 
 
 def accuracy(model: nn.Module, data: ImageSet, batch_size: int = 512) -> float:

@@ -1,7 +1,8 @@
-"""`prune-data record` under 2 CPU processes (torchrun + gloo), as `accelerate launch` runs it on GPUs."""
+"""`prune-data` (record, then score and select on rank 0) under 2 CPU processes (torchrun + gloo), as `accelerate launch` runs it on GPUs."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ def test_two_processes_record_every_example_each_epoch(tmp_path, mode):
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     out = tmp_path / "run"
     proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "mmkit", "-q",
-                           "prune-data", "record", "digits", "--epochs", "2", "--record-mode", mode,
+                           "prune-data", "digits", "--epochs", "2", "--window", "2", "--record-mode", mode,
                            "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = 1437
@@ -37,3 +38,7 @@ def test_two_processes_record_every_example_each_epoch(tmp_path, mode):
     source = open_dynamics(out / "dynamics")
     p = source.read("p_true", 0, n)
     assert p.shape == (2, n) and not np.isnan(p).any()
+    # rank 0 scored every example from the merged shards and kept round(0.75 N)
+    kept = (out / "kept_indices.txt").read_text().split()
+    assert len(kept) == 1078 and len(np.load(out / "scores.npy")) == n
+    assert json.loads((out / "results.json").read_text())["metrics"]["n_keep"] == 1078
