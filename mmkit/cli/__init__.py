@@ -19,10 +19,10 @@ from mmkit.errors import EXIT_USER_ERROR, MmkitError
 #: Subcommand apps, ``(name, "module:attr")``, mounted in this order. Each app's help names
 #: what it does in one line and shows an example.
 SUBCOMMANDS: list[tuple[str, str]] = [
+    ("distill", "mmkit.cli.distill:app"),
     ("prune-data", "mmkit.cli.prune:app"),
     ("cluster-instructions", "mmkit.cli.cluster:app"),
     ("evaluate", "mmkit.cli.evaluate:app"),
-    ("distill", "mmkit.cli.distill:app"),
 ]
 
 
