@@ -23,8 +23,8 @@ Examples:
 """
 
 app = typer.Typer(
-    help="Benchmarks: image-text retrieval (built); MMR, RealBench, SNARE, MMT, CHAIR/POPE and "
-    "representation similarity are planned. Example: mmkit evaluate retrieval --model M --data pairs.jsonl",
+    help="Benchmarks: image-text retrieval and representation similarity (built); MMR, RealBench, SNARE, MMT "
+    "and CHAIR/POPE are planned. Example: mmkit evaluate retrieval --model M --data pairs.jsonl",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -130,4 +130,87 @@ def _render(results: dict) -> None:
     if results.get("rerank"):
         r = results["rerank"]
         console.print(f"re-ranked the top {r['k']} of {', '.join(r['shortlist'])} with {r['reranker']}")
+    console.print(f"results in {results['out']}")
+
+
+REPRESENTATION_EXAMPLES = """
+Examples:
+
+  mmkit evaluate representation --model-a bundled:minilm --model-b ./student --data dev.jsonl --out runs/sim
+
+  mmkit evaluate representation --model-a teacher --model-b student --data dev.jsonl --layers-a 0,6,12 --layers-b 0,3,6 --pairs diagonal
+
+  mmkit evaluate representation --model-a A --model-b B --data pairs.csv --text-field sentence1 --text-pair-field sentence2 --unit cls
+
+  mmkit evaluate representation --acts-a A.safetensors --acts-b B.safetensors --metrics cca,cka --json | jq '.metrics.pairs[0]'
+"""
+
+
+@app.command("representation", help="Layer-by-layer similarity of two models (or two activation files): "
+             "mean CCA, SVCCA, PWCCA and linear CKA for every (layer_a, layer_b) pair, with one heatmap per "
+             "metric.", epilog=REPRESENTATION_EXAMPLES)
+def representation(
+    model_a: Annotated[Str, typer.Option(help="Text encoder A (hub id, folder, bundled:minilm).")] = None,
+    model_b: Annotated[Str, typer.Option(help="Text encoder B (may equal A).")] = None,
+    data: Annotated[Str, typer.Option(help="Records with a text field: JSONL, JSON, CSV, parquet, HF folder.")] = None,
+    text_field: Annotated[Str, typer.Option(help="Text field of the records [default: text]")] = None,
+    text_pair_field: Annotated[Str, typer.Option(help="Second text of a pair, encoded with the first.")] = None,
+    acts_a: Annotated[Str, typer.Option(help="safetensors of [N, D] activations, one tensor per layer "
+                                        "(instead of the models).")] = None,
+    acts_b: Annotated[Str, typer.Option(help="The same samples' activations of the other side.")] = None,
+    layers: Annotated[Str, typer.Option(help="Layers on both sides, comma-separated (0 = embeddings) "
+                                        "[default: all]")] = None,
+    layers_a: Annotated[Str, typer.Option(help="Layers of side A [default: all]")] = None,
+    layers_b: Annotated[Str, typer.Option(help="Layers of side B [default: all]")] = None,
+    pairs: Annotated[Str, typer.Option(help="all (every layer_a x layer_b) | diagonal (i-th with i-th) "
+                                       "[default: all]")] = None,
+    metrics: Annotated[Str, typer.Option(help="Comma-separated subset of cca,svcca,pwcca,cka [default: all]")] = None,
+    unit: Annotated[Str, typer.Option(help="token (every non-pad token; one tokenizer for both) | cls | mean "
+                                      "[default: token]")] = None,
+    max_samples: Annotated[Int, typer.Option(help="Seeded subsample of rows [default: 10000]")] = None,
+    max_length: Annotated[Int, typer.Option(help="Token limit per text [default: the models' own, at most 512]")] = None,
+    batch_size: Annotated[Int, typer.Option(help="Forward batch size [default: 32]")] = None,
+    eps: Annotated[Optional[float], typer.Option(help="CCA ridge, relative to the mean variance [default: 1e-6]")] = None,
+    svcca_keep: Annotated[Optional[float], typer.Option(help="SVCCA variance kept [default: 0.99]")] = None,
+    svcca_dims: Annotated[Int, typer.Option(help="SVCCA: a fixed number of directions instead.")] = None,
+    device: Annotated[Str, typer.Option(help="auto | cpu | cuda")] = None,
+    dtype: Annotated[Str, typer.Option(help="auto | float32 | bfloat16 | float16")] = None,
+    seed: SeedOpt = None,
+    out: OutOpt = None,
+    json_: JsonOpt = False,
+    overwrite: OverwriteOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    flags = {k: v for k, v in locals().items() if k not in NOT_CONFIG}
+    from mmkit.config import load_config
+    from mmkit.evaluate.representation import RepresentationConfig, run
+
+    cfg = load_config(RepresentationConfig, file=config, flags=flags, sets=set_ or [])
+    results = run(cfg, out, overwrite=overwrite)
+    _render_representation(results)
+    if json_:
+        print_results(results)
+
+
+def _render_representation(results: dict) -> None:
+    """A rich table of every pair's scores on stderr (two decimals), then the run folder."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmkit.progress import is_quiet
+
+    if is_quiet():
+        return
+    pairs = results["metrics"]["pairs"]
+    names = list(results["config"]["metrics"])
+    table = Table(title="representation similarity")
+    for column in ("layer_a", "layer_b", *names):
+        table.add_column(column, justify="right")
+    for p in pairs:
+        table.add_row(str(p["layer_a"]), str(p["layer_b"]), *("n/a" if p[m] is None else f"{p[m]:.2f}" for m in names))
+    console = Console(stderr=True)
+    console.print(table)
+    unit = f" ({results['unit']})" if results.get("unit") else ""
+    console.print(f"{results['counts']['samples']} samples{unit}, {len(pairs)} layer pairs")
     console.print(f"results in {results['out']}")

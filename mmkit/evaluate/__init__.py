@@ -37,6 +37,7 @@ class Benchmark(Protocol):
 
 BENCHMARKS: Registry = Registry("benchmark")
 BENCHMARKS.register("retrieval", "mmkit.evaluate.retrieval:BENCHMARK")
+BENCHMARKS.register("representation", "mmkit.evaluate.representation:BENCHMARK")
 
 
 def get_benchmark(name: str) -> Benchmark:
