@@ -1,6 +1,6 @@
 """``mmkit distill``: parse, build a config, call the method module, render the result.
 
-Each method is a sibling command of this group (``dcd`` here; ``bert-kd`` and ``pesf`` join it).
+Each method is a sibling command of this group: ``dcd``, ``bert-kd``, ``pesf`` (and ``build-cache``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ Examples:
 """
 
 app = typer.Typer(
-    help="Knowledge distillation: dcd (an image-text matching model into a shallower fusion student). "
+    help="Knowledge distillation: dcd (an image-text matching model into a shallower fusion student), bert-kd "
+    "(a BERT teacher into a smaller BERT, with a CCA diagnostic), pesf (a student-friendly teacher through a "
+    "small adapter), build-cache (fill a teacher cache). "
     "Example: mmkit distill dcd --teacher ./vilt --data train.jsonl --eval-data test.jsonl --out runs/dcd",
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -123,3 +125,258 @@ def _render(results: dict) -> None:
 
 def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1f}%"
+
+
+BERT_KD_EXAMPLES = """
+Examples:
+
+  mmkit distill bert-kd --teacher ./sst2-bert-large --student bert-base-uncased --student-layers 6 --task sst2 --out runs/kd-large
+
+  mmkit distill bert-kd --teacher bundled:minilm --student-init teacher_layers --student-layers 3 --task pairs.jsonl --eval-data test.jsonl --out runs/kd
+
+  mmkit distill bert-kd --config examples/distill_bert_kd.yaml --set loss.cca.weight=0 --epochs 2
+
+  mmkit distill bert-kd --teacher T --student S --task data.jsonl --diagnose-only   # CCA grid only
+"""
+
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _precision(value: str | None) -> str | None:
+    from mmkit.errors import ConfigError, suggest
+
+    if value is None:
+        return None
+    if value not in _PRECISION:
+        raise ConfigError(f"expected fp32, bf16 or fp16, got {value!r}{suggest(value, _PRECISION)}", field="--precision")
+    return _PRECISION[value]
+
+
+@app.command("bert-kd", help="BERT KD: a fine-tuned BERT teacher (fine-tuned first when it has no head for the "
+             "task) into a smaller BERT with CE, logit KD, hidden-state MSE, attention transfer and a CCA-alignment "
+             "term, plus a CCA/SVCCA/PWCCA/CKA diagnostic before and after. The paper's own method (Fan et al., "
+             "ACL 2025) is unpublished and NOT implemented: the CCA term is mmkit's stand-in for it.",
+             epilog=BERT_KD_EXAMPLES)
+def bert_kd(
+    teacher: Annotated[Str, typer.Option(help="Teacher: hub id, save_pretrained dir or bundled:minilm.")] = None,
+    student: Annotated[Str, typer.Option(help="Student (student.init pretrained): hub id or dir.")] = None,
+    student_layers: Annotated[Int, typer.Option(help="Student layers L_s (pretrained: keep the first N).")] = None,
+    student_init: Annotated[Str, typer.Option(help="pretrained | teacher_layers | config  [default: pretrained]")] = None,
+    task: Annotated[Str, typer.Option(help="GLUE name (sst2, mrpc, qqp, stsb, mnli, qnli, rte, cola, wnli) or a "
+                                      "JSONL/CSV/parquet file with text, text_pair?, label.")] = None,
+    eval_data: Annotated[Str, typer.Option(help="Evaluation set [default: the GLUE validation split; none for files]")] = None,
+    text_field: Annotated[Str, typer.Option(help="Text field  [default: text]")] = None,
+    text_pair_field: Annotated[Str, typer.Option(help="Second-text field  [default: text_pair when present]")] = None,
+    label_field: Annotated[Str, typer.Option(help="Label field  [default: label]")] = None,
+    layer_map: Annotated[Str, typer.Option(help="uniform, or teacher layers per student layer, e.g. 2,4,6")] = None,
+    temperature: Annotated[Float, typer.Option(help="KD temperature T  [default: 2]")] = None,
+    epochs: Annotated[Int, typer.Option(help="[default: 3]")] = None,
+    batch_size: Annotated[Int, typer.Option(help="[default: 32]")] = None,
+    lr: Annotated[Float, typer.Option(help="Student (and projection) learning rate  [default: 5e-5]")] = None,
+    max_len: Annotated[Int, typer.Option(help="Max tokens per example  [default: 128]")] = None,
+    precision: Annotated[Str, typer.Option(help="fp32 | bf16 | fp16  [default: fp32]")] = None,
+    cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Teacher cache on (fail if it cannot "
+                                                  "be used) / off  [default: auto]")] = None,
+    cache_dir: Annotated[Str, typer.Option(help="Teacher cache folder  [default: <cache root>/teacher]")] = None,
+    cache_verify: Annotated[bool, typer.Option("--cache-verify", help="Re-hash every cache shard.")] = False,
+    diagnose_only: Annotated[bool, typer.Option("--diagnose-only", help="Only the CCA diagnostic; no training.")] = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    seed: SeedOpt = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    from mmkit.config import load_config
+    from mmkit.distill.bert_kd import BertKdConfig, run
+
+    flags = {
+        "teacher.id": teacher, "student.id": student, "student.num_layers": student_layers,
+        "student.init": student_init, "data.task": task, "data.eval_task": eval_data,
+        "data.text_field": text_field, "data.text_pair_field": text_pair_field, "data.label_field": label_field,
+        "layer_map": layer_map, "loss.kd.temperature": temperature, "train.epochs": epochs,
+        "train.batch_size": batch_size, "train.lr": lr, "data.max_len": max_len,
+        "train.mixed_precision": _precision(precision), "train.seed": seed,
+        "cache.mode": None if cache is None else ("on" if cache else "off"), "cache.dir": cache_dir,
+        "cache.verify": True if cache_verify else None, "diagnose_only": True if diagnose_only else None,
+    }
+    cfg = load_config(BertKdConfig, file=config, flags=flags, sets=set_ or [])
+    results = run(cfg, out, overwrite=overwrite)
+    _render_bert_kd(results)
+    if json_:
+        print_results(results)
+
+
+def _render_bert_kd(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmkit.progress import is_quiet
+
+    if is_quiet():
+        return
+    metrics = results["metrics"]
+    console = Console(stderr=True)
+    params = metrics["params"]
+    console.print(f"student {params['student']:,} params = {100 * params['ratio']:.1f}% of the teacher; layer map "
+                  f"{metrics['layer_map']}; attention {metrics['attention_mode']}; teacher cache "
+                  f"{metrics.get('cache', 'not used')}")
+    if "loss_final" in metrics:
+        console.print("final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["loss_final"].items())
+                      + f"; CCA term skipped in {metrics['cca_skipped_batches']} batches "
+                      f"(CCA term: {metrics['cca_term']})")
+    names = sorted({k for who in ("teacher", "student") for k in metrics.get(who, {})})
+    if names:
+        table = Table(title="task metrics (accuracy/F1 in %)")
+        for col in ("model", *names):
+            table.add_column(col)
+        for who in ("teacher", "student"):
+            row = metrics.get(who, {})
+            table.add_row(who, *("-" if row.get(k) is None else f"{row[k]:.2f}" for k in names))
+        console.print(table)
+    before, after = metrics.get("cca_mapped_mean_before"), metrics.get("cca_mapped_mean_after")
+    if before:
+        table = Table(title="mapped-layer similarity (mean over mapped pairs)")
+        for col in ("metric", "before", "after"):
+            table.add_column(col)
+        for k, v in before.items():
+            table.add_row(k, f"{v:.3f}", f"{after[k]:.3f}" if after else "-")
+        console.print(table)
+    console.print(f"results in {results['out']}")
+
+
+@app.command("build-cache", help="Fill the teacher cache of a distillation config and exit (the method comes from "
+             "the config's `method` key; default bert-kd). Example: mmkit distill build-cache --config run.yaml")
+def build_cache(
+    cache_dir: Annotated[Str, typer.Option(help="Teacher cache folder  [default: <cache root>/teacher]")] = None,
+    cache_verify: Annotated[bool, typer.Option("--cache-verify", help="Re-hash every cache shard.")] = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from mmkit.distill.teacher_cache import CACHE_BUILDERS
+
+    method = "bert-kd"
+    if config and Path(config).is_file():
+        data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
+        method = data.get("method", method) if isinstance(data, dict) else method
+    builder = CACHE_BUILDERS.resolve(method, field="method")
+    flags = {"cache.dir": cache_dir, "cache.verify": True if cache_verify else None}
+    results = builder(file=config, sets=set_ or [], flags=flags, out=out, overwrite=overwrite)
+    from mmkit.progress import is_quiet
+
+    if not is_quiet():
+        typer.echo(f"teacher cache {results['metrics']['cache']} ({results['metrics']['examples']} examples); "
+                   f"results in {results['out']}", err=True)
+    if json_:
+        print_results(results)
+
+
+PESF_EXAMPLES = """
+Examples:
+
+  mmkit distill pesf --teacher ./sst2-bert-base --student bert-base-uncased --student-layers 6 --task sst2 --out runs/pesf
+
+  mmkit distill pesf --teacher bundled:minilm --student bundled:minilm --student-layers 3 --task pairs.jsonl --eval-data test.jsonl --out runs/pesf-minilm
+
+  mmkit distill pesf --teacher ./sst2-bert-base --student bert-base-uncased --student-layers 6 --task sst2 --reproduce-released
+"""
+
+
+@app.command("pesf", help="PESF-KD: a small adapter on a frozen fine-tuned BERT teacher (fine-tuned first when it "
+             "has no head for the task) is trained jointly with the student so the teacher's soft labels become "
+             "smoother (student-friendly); soft loss, both cross-entropies and patient KD on [CLS]; the sharpness "
+             "gap before and after training.", epilog=PESF_EXAMPLES)
+def pesf(
+    teacher: Annotated[Str, typer.Option(help="Teacher classifier: hub id, save_pretrained dir or bundled:minilm.")] = None,
+    student: Annotated[Str, typer.Option(help="Pretrained student: hub id or dir (a new classifier is added).")] = None,
+    student_layers: Annotated[Int, typer.Option(help="Keep the student's first N layers  [default: all]")] = None,
+    task: Annotated[Str, typer.Option(help="GLUE name (sst2, mrpc, qqp, stsb, mnli, qnli, rte, cola, wnli) or a "
+                                      "JSONL/CSV/parquet file with text, text_pair?, label.")] = None,
+    eval_data: Annotated[Str, typer.Option(help="Evaluation set  [default: the GLUE validation split; required "
+                                           "for files]")] = None,
+    text_field: Annotated[Str, typer.Option(help="Text field  [default: text]")] = None,
+    text_pair_field: Annotated[Str, typer.Option(help="Second-text field  [default: text_pair when present]")] = None,
+    label_field: Annotated[Str, typer.Option(help="Label field  [default: label]")] = None,
+    alpha: Annotated[Float, typer.Option(help="L = alpha L_soft + (1 - alpha) L_ce + beta L_pkd  [default: 0.7]")] = None,
+    beta: Annotated[Float, typer.Option(help="Weight of the patient-KD [CLS] loss  [default: 100]")] = None,
+    temperature: Annotated[Float, typer.Option(help="Soft-loss temperature T  [default: 5]")] = None,
+    adapter_lr: Annotated[Float, typer.Option(help="Adapter learning rate  [default: 1e-5]")] = None,
+    reproduce_released: Annotated[bool, typer.Option("--reproduce-released", help="Mimic the released code: the whole "
+                                                     "teacher trains at teacher.lr (1e-5), adapter dropout off, only "
+                                                     "student gradients clipped (distill.md 2.5).")] = False,
+    epochs: Annotated[Int, typer.Option(help="[default: 4]")] = None,
+    batch_size: Annotated[Int, typer.Option(help="[default: 8]")] = None,
+    lr: Annotated[Float, typer.Option(help="Student learning rate  [default: 5e-5]")] = None,
+    max_len: Annotated[Int, typer.Option(help="Max tokens per example  [default: 128]")] = None,
+    precision: Annotated[Str, typer.Option(help="fp32 | bf16 | fp16  [default: fp32]")] = None,
+    cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Teacher cache on (fail if it cannot "
+                                                  "be used) / off  [default: auto; never with "
+                                                  "--reproduce-released]")] = None,
+    cache_dir: Annotated[Str, typer.Option(help="Teacher cache folder  [default: <cache root>/teacher]")] = None,
+    cache_verify: Annotated[bool, typer.Option("--cache-verify", help="Re-hash every cache shard.")] = False,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    seed: SeedOpt = None,
+    json_: JsonOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    from mmkit.config import load_config
+    from mmkit.distill.pesf import PesfConfig, run
+
+    flags = {
+        "teacher.id": teacher, "student.id": student, "student.num_layers": student_layers, "data.task": task,
+        "data.eval_task": eval_data, "data.text_field": text_field, "data.text_pair_field": text_pair_field,
+        "data.label_field": label_field, "loss.alpha": alpha, "loss.beta": beta, "loss.temperature": temperature,
+        "adapter.lr": adapter_lr, "reproduce_released": True if reproduce_released else None,
+        "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "data.max_len": max_len,
+        "train.mixed_precision": _precision(precision), "train.seed": seed,
+        "cache.mode": None if cache is None else ("on" if cache else "off"), "cache.dir": cache_dir,
+        "cache.verify": True if cache_verify else None,
+    }
+    cfg = load_config(PesfConfig, file=config, flags=flags, sets=set_ or [])
+    results = run(cfg, out, overwrite=overwrite)
+    _render_pesf(results)
+    if json_:
+        print_results(results)
+
+
+def _render_pesf(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from mmkit.progress import is_quiet
+
+    if is_quiet():
+        return
+    m = results["metrics"]
+    console = Console(stderr=True)
+    console.print(f"pesf ({m['mode']}): {m['steps']} steps; adapter {m['adapter_params']:,} params; student "
+                  f"{m['params']['student']:,} params = {100 * m['params']['ratio']:.1f}% of the teacher; PKD map "
+                  f"{m['pkd_map']}; teacher cache {m['cache']}")
+    console.print("final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in m["loss_final"].items()))
+    rows = ("teacher", "teacher_adapted", "student_init", "student")
+    names = sorted({k for who in rows for k in m.get(who, {})})
+    table = Table(title="task metrics (accuracy/F1 in %)")
+    for col in ("model", *names):
+        table.add_column(col)
+    for who in rows:
+        table.add_row(who, *("-" if m[who].get(k) is None else f"{m[who][k]:.2f}" for k in names))
+    console.print(table)
+    sharp = m["sharpness"]
+    table = Table(title="sharpness: mean log-sum-exp of logits / t")
+    for col in ("model", "t=1", f"t={sharp['temperature']:g}"):
+        table.add_column(col)
+    for who in ("teacher", "teacher_adapted", "student_init", "student_final"):
+        table.add_row(who, f"{sharp[who]['t1']:.4f}", f"{sharp[who]['tT']:.4f}")
+    for gap in ("gap_before", "gap_after", "gap_after_original_teacher"):
+        table.add_row(gap, f"{m[gap]['t1']:.4f}", f"{m[gap]['tT']:.4f}")
+    console.print(table)
+    console.print(f"results in {results['out']}")

@@ -337,6 +337,7 @@ def train(
     preprocessor: Any = None,
     batch_sampler: Any = None,
     final_dir: str | None = "model",
+    clip_parameters: Callable[[torch.nn.Module], Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` by minimising ``loss_fn(model, batch)["loss"]`` over ``data``.
 
@@ -348,7 +349,8 @@ def train(
     dir)`` writes weights (default: ``save_pretrained`` safetensors, else a safetensors state
     dict, plus ``preprocessor.save_pretrained``) into checkpoints and ``out/<final_dir>``, so
     ``from_pretrained`` loads either. Rerunning with the same ``out`` resumes from
-    the latest checkpoint.
+    the latest checkpoint. ``clip_parameters(unwrapped model)`` picks the parameters whose
+    gradient norm is clipped (default: all of them).
     """
     from accelerate.utils import set_seed
 
@@ -404,7 +406,9 @@ def train(
                 outputs = loss_fn(model, batch)
                 accelerator.backward(outputs["loss"])
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    clipped = (clip_parameters(accelerator.unwrap_model(model)) if clip_parameters
+                               else model.parameters())
+                    accelerator.clip_grad_norm_(clipped, config.max_grad_norm)
                 lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (group 0)
                 optimizer.step()
                 scheduler.step()
