@@ -108,9 +108,10 @@ def _seed_worker(cfg: ExperimentConfig, model: str, seed: int, out: Path, thread
 
     torch.set_num_threads(threads)
     set_quiet(True)
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(handler)
+    if not logging.getLogger().handlers and not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
     log.setLevel(logging.INFO)
     _one_seed(cfg, load_image_set(cfg.preset), model, seed, out)
 
