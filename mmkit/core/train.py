@@ -519,6 +519,7 @@ def _checkpoint(state: TrainState, save: Callable, callbacks: Sequence[Callback]
         (tmp / "model").mkdir(parents=True)
     acc.wait_for_everyone()
     acc.save_state(str(tmp / "state"))
+    acc.wait_for_everyone()  # every rank's RNG file is in tmp before rank 0 renames it
     if acc.is_main_process:
         save(acc.unwrap_model(state.model), tmp / "model")
         write_json(tmp / "trainer_state.json", {"step": state.step, "epoch": state.epoch,
