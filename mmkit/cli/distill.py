@@ -5,7 +5,7 @@ Each method is a sibling command of this group: ``dcd``, ``bert-kd``, ``pesf`` (
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional, Sequence
 
 import typer
 
@@ -33,6 +33,104 @@ app = typer.Typer(
 Str = Optional[str]
 Int = Optional[int]
 Float = Optional[float]
+
+# Options several commands share.
+TaskOpt = Annotated[Str, typer.Option(help="GLUE name (sst2, mrpc, qqp, stsb, mnli, qnli, rte, cola, wnli) or a "
+                                      "JSONL/CSV/parquet file with text, text_pair?, label.")]
+TextFieldOpt = Annotated[Str, typer.Option(help="Text field  [default: text]")]
+TextPairFieldOpt = Annotated[Str, typer.Option(help="Second-text field  [default: text_pair when present]")]
+LabelFieldOpt = Annotated[Str, typer.Option(help="Label field  [default: label]")]
+MaxLenOpt = Annotated[Int, typer.Option(help="Max tokens per example  [default: 128]")]
+PrecisionOpt = Annotated[Str, typer.Option(help="fp32 | bf16 | fp16  [default: fp32]")]
+CacheDirOpt = Annotated[Str, typer.Option(help="Teacher cache folder  [default: <cache root>/teacher]")]
+CacheVerifyOpt = Annotated[bool, typer.Option("--cache-verify", help="Re-hash every cache shard.")]
+
+#: flag name -> dotted config key (flags not listed map to the key of the same name)
+KEYS = {
+    "teacher": "teacher.id", "epochs": "train.epochs", "batch_size": "train.batch_size", "lr": "train.lr",
+    "max_len": "data.max_len", "precision": "train.mixed_precision", "seed": "train.seed", "cache": "cache.mode",
+    "cache_dir": "cache.dir", "cache_verify": "cache.verify",
+}
+DCD_KEYS = {**KEYS, "data": "data.path", "image_root": "data.image_root", "eval_data": "data.eval_path",
+            "image_size": "data.image_size", "mode": "eval.modes", "shortlist": "eval.shortlist",
+            "rerank_k": "eval.rerank_k"}
+TEXTCLS_KEYS = {**KEYS, "student": "student.id", "student_layers": "student.num_layers", "task": "data.task",
+                "eval_data": "data.eval_task", "text_field": "data.text_field",
+                "text_pair_field": "data.text_pair_field", "label_field": "data.label_field"}
+BERT_KD_KEYS = {**TEXTCLS_KEYS, "student_init": "student.init", "temperature": "loss.kd.temperature"}
+PESF_KEYS = {**TEXTCLS_KEYS, "alpha": "loss.alpha", "beta": "loss.beta", "temperature": "loss.temperature",
+             "adapter_lr": "adapter.lr"}
+NOT_CONFIG = {"out", "overwrite", "json_", "config", "set_"}
+_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def _precision(value: str) -> str:
+    from mmkit.errors import ConfigError, suggest
+
+    if value not in _PRECISION:
+        raise ConfigError(f"expected fp32, bf16 or fp16, got {value!r}{suggest(value, _PRECISION)}", field="--precision")
+    return _PRECISION[value]
+
+
+#: flags whose value the config spells otherwise (``--no-cache`` counts: it is not an unset bool flag)
+CONVERT: dict[str, Callable[[Any], Any]] = {
+    "precision": _precision, "cache": lambda on: "on" if on else "off",
+    "mode": lambda mode: [mode] if mode else None,
+}
+
+
+def _flags(values: Mapping[str, Any], keys: Mapping[str, str]) -> dict[str, Any]:
+    """The config flags (dotted keys) a command was given: ``None`` and an unset bool flag do not count."""
+    flags = {}
+    for name, value in values.items():
+        if name in NOT_CONFIG or value is None or (value is False and name not in CONVERT):
+            continue
+        flags[keys.get(name, name)] = CONVERT[name](value) if name in CONVERT else value
+    return flags
+
+
+def _run(values: Mapping[str, Any], keys: Mapping[str, str], config_cls: type, run: Callable[..., dict],
+         render: Callable[[Any, dict], None]) -> None:
+    """Build the method's config from the flags, run it, render its metrics on stderr (unless
+    --quiet) and print results.json for --json."""
+    from rich.console import Console
+
+    from mmkit.config import load_config
+    from mmkit.progress import is_quiet
+
+    cfg = load_config(config_cls, file=values["config"], flags=_flags(values, keys), sets=values["set_"] or [])
+    results = run(cfg, values["out"], overwrite=values["overwrite"])
+    if not is_quiet():
+        console = Console(stderr=True)
+        render(console, results["metrics"])
+        console.print(f"results in {results['out']}")
+    if values["json_"]:
+        print_results(results)
+
+
+def _table(title: str, columns: Sequence[str]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col)
+    return table
+
+
+def _task_table(metrics: Mapping[str, Any], rows: Sequence[str]) -> Any:
+    """The task metrics of the models ``rows`` (two decimals); None when there are none."""
+    names = sorted({k for who in rows for k in metrics.get(who, {})})
+    if not names:
+        return None
+    table = _table("task metrics (accuracy/F1 in %)", ("model", *names))
+    for who in rows:
+        row = metrics.get(who, {})
+        table.add_row(who, *("-" if row.get(k) is None else f"{row[k]:.2f}" for k in names))
+    return table
+
+
+def _losses(loss_final: Mapping[str, float]) -> str:
+    return "final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in loss_final.items())
 
 
 @app.command("dcd", help="DCD: train a student with fewer fusion layers from an ITM teacher (ViLT or BLIP "
@@ -69,35 +167,13 @@ def dcd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    from mmkit.config import load_config
+    values = dict(locals())
     from mmkit.distill.dcd import DcdConfig, run
 
-    flags = {
-        "teacher.id": teacher, "data.path": data, "data.image_root": image_root, "data.eval_path": eval_data,
-        "negatives": negatives, "topk": topk, "student_layers": student_layers, "alpha": alpha,
-        "temperature": temperature, "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr,
-        "data.max_len": max_len, "data.image_size": image_size,
-        "reproduce_released": True if reproduce_released else None, "eval_only": True if eval_only else None,
-        "student": student, "eval.modes": [mode] if mode else None, "eval.shortlist": shortlist,
-        "eval.rerank_k": rerank_k, "train.seed": seed,
-    }
-    cfg = load_config(DcdConfig, file=config, flags=flags, sets=set_ or [])
-    results = run(cfg, out, overwrite=overwrite)
-    _render(results)
-    if json_:
-        print_results(results)
+    _run(values, DCD_KEYS, DcdConfig, run, _render_dcd)
 
 
-def _render(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from mmkit.progress import is_quiet
-
-    if is_quiet():
-        return
-    metrics = results["metrics"]
-    console = Console(stderr=True)
+def _render_dcd(console: Any, metrics: dict) -> None:
     train = metrics.get("train")
     if train:
         console.print(f"trained {train['steps']} steps on {train['examples']} examples; student layers "
@@ -105,9 +181,8 @@ def _render(results: dict) -> None:
                       f"positive first for {_pct(train['teacher_positive_first_pct'])} of examples")
     modes = metrics.get("modes") or []
     if modes:
-        table = Table(title="retrieval (R@K in %)")
-        for col in ("model", "mode", "i2t R@1", "i2t R@5", "t2i R@1", "t2i R@5", "RSUM", "ms/query", "speed-up"):
-            table.add_column(col)
+        table = _table("retrieval (R@K in %)",
+                       ("model", "mode", "i2t R@1", "i2t R@5", "t2i R@1", "t2i R@5", "RSUM", "ms/query", "speed-up"))
         timing = metrics["timing"]
         for name in ("teacher", "student"):
             for mode in modes:
@@ -120,7 +195,6 @@ def _render(results: dict) -> None:
                               f"{t['ms_per_query']:.2f}", "1.0x" if name == "teacher" and mode == "full"
                               else (f"{ratio:.1f}x" if ratio else "-"))
         console.print(table)
-    console.print(f"results in {results['out']}")
 
 
 def _pct(value: float | None) -> str:
@@ -139,18 +213,6 @@ Examples:
   mmkit distill bert-kd --teacher T --student S --task data.jsonl --diagnose-only   # CCA grid only
 """
 
-_PRECISION = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-def _precision(value: str | None) -> str | None:
-    from mmkit.errors import ConfigError, suggest
-
-    if value is None:
-        return None
-    if value not in _PRECISION:
-        raise ConfigError(f"expected fp32, bf16 or fp16, got {value!r}{suggest(value, _PRECISION)}", field="--precision")
-    return _PRECISION[value]
-
 
 @app.command("bert-kd", help="BERT KD: a fine-tuned BERT teacher (fine-tuned first when it has no head for the "
              "task) into a smaller BERT with CE, logit KD, hidden-state MSE, attention transfer and a CCA-alignment "
@@ -162,23 +224,22 @@ def bert_kd(
     student: Annotated[Str, typer.Option(help="Student (student.init pretrained): hub id or dir.")] = None,
     student_layers: Annotated[Int, typer.Option(help="Student layers L_s (pretrained: keep the first N).")] = None,
     student_init: Annotated[Str, typer.Option(help="pretrained | teacher_layers | config  [default: pretrained]")] = None,
-    task: Annotated[Str, typer.Option(help="GLUE name (sst2, mrpc, qqp, stsb, mnli, qnli, rte, cola, wnli) or a "
-                                      "JSONL/CSV/parquet file with text, text_pair?, label.")] = None,
+    task: TaskOpt = None,
     eval_data: Annotated[Str, typer.Option(help="Evaluation set [default: the GLUE validation split; none for files]")] = None,
-    text_field: Annotated[Str, typer.Option(help="Text field  [default: text]")] = None,
-    text_pair_field: Annotated[Str, typer.Option(help="Second-text field  [default: text_pair when present]")] = None,
-    label_field: Annotated[Str, typer.Option(help="Label field  [default: label]")] = None,
+    text_field: TextFieldOpt = None,
+    text_pair_field: TextPairFieldOpt = None,
+    label_field: LabelFieldOpt = None,
     layer_map: Annotated[Str, typer.Option(help="uniform, or teacher layers per student layer, e.g. 2,4,6")] = None,
     temperature: Annotated[Float, typer.Option(help="KD temperature T  [default: 2]")] = None,
     epochs: Annotated[Int, typer.Option(help="[default: 3]")] = None,
     batch_size: Annotated[Int, typer.Option(help="[default: 32]")] = None,
     lr: Annotated[Float, typer.Option(help="Student (and projection) learning rate  [default: 5e-5]")] = None,
-    max_len: Annotated[Int, typer.Option(help="Max tokens per example  [default: 128]")] = None,
-    precision: Annotated[Str, typer.Option(help="fp32 | bf16 | fp16  [default: fp32]")] = None,
+    max_len: MaxLenOpt = None,
+    precision: PrecisionOpt = None,
     cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Teacher cache on (fail if it cannot "
                                                   "be used) / off  [default: auto]")] = None,
-    cache_dir: Annotated[Str, typer.Option(help="Teacher cache folder  [default: <cache root>/teacher]")] = None,
-    cache_verify: Annotated[bool, typer.Option("--cache-verify", help="Re-hash every cache shard.")] = False,
+    cache_dir: CacheDirOpt = None,
+    cache_verify: CacheVerifyOpt = False,
     diagnose_only: Annotated[bool, typer.Option("--diagnose-only", help="Only the CCA diagnostic; no training.")] = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
@@ -187,75 +248,43 @@ def bert_kd(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    from mmkit.config import load_config
+    values = dict(locals())
     from mmkit.distill.bert_kd import BertKdConfig, run
 
-    flags = {
-        "teacher.id": teacher, "student.id": student, "student.num_layers": student_layers,
-        "student.init": student_init, "data.task": task, "data.eval_task": eval_data,
-        "data.text_field": text_field, "data.text_pair_field": text_pair_field, "data.label_field": label_field,
-        "layer_map": layer_map, "loss.kd.temperature": temperature, "train.epochs": epochs,
-        "train.batch_size": batch_size, "train.lr": lr, "data.max_len": max_len,
-        "train.mixed_precision": _precision(precision), "train.seed": seed,
-        "cache.mode": None if cache is None else ("on" if cache else "off"), "cache.dir": cache_dir,
-        "cache.verify": True if cache_verify else None, "diagnose_only": True if diagnose_only else None,
-    }
-    cfg = load_config(BertKdConfig, file=config, flags=flags, sets=set_ or [])
-    results = run(cfg, out, overwrite=overwrite)
-    _render_bert_kd(results)
-    if json_:
-        print_results(results)
+    _run(values, BERT_KD_KEYS, BertKdConfig, run, _render_bert_kd)
 
 
-def _render_bert_kd(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from mmkit.progress import is_quiet
-
-    if is_quiet():
-        return
-    metrics = results["metrics"]
-    console = Console(stderr=True)
+def _render_bert_kd(console: Any, metrics: dict) -> None:
     params = metrics["params"]
     console.print(f"student {params['student']:,} params = {100 * params['ratio']:.1f}% of the teacher; layer map "
                   f"{metrics['layer_map']}; attention {metrics['attention_mode']}; teacher cache "
                   f"{metrics.get('cache', 'not used')}")
     if "loss_final" in metrics:
-        console.print("final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["loss_final"].items())
-                      + f"; CCA term skipped in {metrics['cca_skipped_batches']} batches "
-                      f"(CCA term: {metrics['cca_term']})")
-    names = sorted({k for who in ("teacher", "student") for k in metrics.get(who, {})})
-    if names:
-        table = Table(title="task metrics (accuracy/F1 in %)")
-        for col in ("model", *names):
-            table.add_column(col)
-        for who in ("teacher", "student"):
-            row = metrics.get(who, {})
-            table.add_row(who, *("-" if row.get(k) is None else f"{row[k]:.2f}" for k in names))
+        console.print(_losses(metrics["loss_final"]) + f"; CCA term skipped in {metrics['cca_skipped_batches']} "
+                      f"batches (CCA term: {metrics['cca_term']})")
+    table = _task_table(metrics, ("teacher", "student"))
+    if table is not None:
         console.print(table)
     before, after = metrics.get("cca_mapped_mean_before"), metrics.get("cca_mapped_mean_after")
     if before:
-        table = Table(title="mapped-layer similarity (mean over mapped pairs)")
-        for col in ("metric", "before", "after"):
-            table.add_column(col)
+        table = _table("mapped-layer similarity (mean over mapped pairs)", ("metric", "before", "after"))
         for k, v in before.items():
             table.add_row(k, f"{v:.3f}", f"{after[k]:.3f}" if after else "-")
         console.print(table)
-    console.print(f"results in {results['out']}")
 
 
 @app.command("build-cache", help="Fill the teacher cache of a distillation config and exit (the method comes from "
              "the config's `method` key; default bert-kd). Example: mmkit distill build-cache --config run.yaml")
 def build_cache(
-    cache_dir: Annotated[Str, typer.Option(help="Teacher cache folder  [default: <cache root>/teacher]")] = None,
-    cache_verify: Annotated[bool, typer.Option("--cache-verify", help="Re-hash every cache shard.")] = False,
+    cache_dir: CacheDirOpt = None,
+    cache_verify: CacheVerifyOpt = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     json_: JsonOpt = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
+    values = dict(locals())
     from pathlib import Path
 
     import yaml
@@ -267,10 +296,9 @@ def build_cache(
         data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
         method = data.get("method", method) if isinstance(data, dict) else method
     builder = CACHE_BUILDERS.resolve(method, field="method")
-    flags = {"cache.dir": cache_dir, "cache.verify": True if cache_verify else None}
-    results = builder(file=config, sets=set_ or [], flags=flags, out=out, overwrite=overwrite)
     from mmkit.progress import is_quiet
 
+    results = builder(file=config, sets=set_ or [], flags=_flags(values, KEYS), out=out, overwrite=overwrite)
     if not is_quiet():
         typer.echo(f"teacher cache {results['metrics']['cache']} ({results['metrics']['examples']} examples); "
                    f"results in {results['out']}", err=True)
@@ -297,13 +325,12 @@ def pesf(
     teacher: Annotated[Str, typer.Option(help="Teacher classifier: hub id, save_pretrained dir or bundled:minilm.")] = None,
     student: Annotated[Str, typer.Option(help="Pretrained student: hub id or dir (a new classifier is added).")] = None,
     student_layers: Annotated[Int, typer.Option(help="Keep the student's first N layers  [default: all]")] = None,
-    task: Annotated[Str, typer.Option(help="GLUE name (sst2, mrpc, qqp, stsb, mnli, qnli, rte, cola, wnli) or a "
-                                      "JSONL/CSV/parquet file with text, text_pair?, label.")] = None,
+    task: TaskOpt = None,
     eval_data: Annotated[Str, typer.Option(help="Evaluation set  [default: the GLUE validation split; required "
                                            "for files]")] = None,
-    text_field: Annotated[Str, typer.Option(help="Text field  [default: text]")] = None,
-    text_pair_field: Annotated[Str, typer.Option(help="Second-text field  [default: text_pair when present]")] = None,
-    label_field: Annotated[Str, typer.Option(help="Label field  [default: label]")] = None,
+    text_field: TextFieldOpt = None,
+    text_pair_field: TextPairFieldOpt = None,
+    label_field: LabelFieldOpt = None,
     alpha: Annotated[Float, typer.Option(help="L = alpha L_soft + (1 - alpha) L_ce + beta L_pkd  [default: 0.7]")] = None,
     beta: Annotated[Float, typer.Option(help="Weight of the patient-KD [CLS] loss  [default: 100]")] = None,
     temperature: Annotated[Float, typer.Option(help="Soft-loss temperature T  [default: 5]")] = None,
@@ -314,13 +341,13 @@ def pesf(
     epochs: Annotated[Int, typer.Option(help="[default: 4]")] = None,
     batch_size: Annotated[Int, typer.Option(help="[default: 8]")] = None,
     lr: Annotated[Float, typer.Option(help="Student learning rate  [default: 5e-5]")] = None,
-    max_len: Annotated[Int, typer.Option(help="Max tokens per example  [default: 128]")] = None,
-    precision: Annotated[Str, typer.Option(help="fp32 | bf16 | fp16  [default: fp32]")] = None,
+    max_len: MaxLenOpt = None,
+    precision: PrecisionOpt = None,
     cache: Annotated[Optional[bool], typer.Option("--cache/--no-cache", help="Teacher cache on (fail if it cannot "
                                                   "be used) / off  [default: auto; never with "
                                                   "--reproduce-released]")] = None,
-    cache_dir: Annotated[Str, typer.Option(help="Teacher cache folder  [default: <cache root>/teacher]")] = None,
-    cache_verify: Annotated[bool, typer.Option("--cache-verify", help="Re-hash every cache shard.")] = False,
+    cache_dir: CacheDirOpt = None,
+    cache_verify: CacheVerifyOpt = False,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     seed: SeedOpt = None,
@@ -328,55 +355,22 @@ def pesf(
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    from mmkit.config import load_config
+    values = dict(locals())
     from mmkit.distill.pesf import PesfConfig, run
 
-    flags = {
-        "teacher.id": teacher, "student.id": student, "student.num_layers": student_layers, "data.task": task,
-        "data.eval_task": eval_data, "data.text_field": text_field, "data.text_pair_field": text_pair_field,
-        "data.label_field": label_field, "loss.alpha": alpha, "loss.beta": beta, "loss.temperature": temperature,
-        "adapter.lr": adapter_lr, "reproduce_released": True if reproduce_released else None,
-        "train.epochs": epochs, "train.batch_size": batch_size, "train.lr": lr, "data.max_len": max_len,
-        "train.mixed_precision": _precision(precision), "train.seed": seed,
-        "cache.mode": None if cache is None else ("on" if cache else "off"), "cache.dir": cache_dir,
-        "cache.verify": True if cache_verify else None,
-    }
-    cfg = load_config(PesfConfig, file=config, flags=flags, sets=set_ or [])
-    results = run(cfg, out, overwrite=overwrite)
-    _render_pesf(results)
-    if json_:
-        print_results(results)
+    _run(values, PESF_KEYS, PesfConfig, run, _render_pesf)
 
 
-def _render_pesf(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    from mmkit.progress import is_quiet
-
-    if is_quiet():
-        return
-    m = results["metrics"]
-    console = Console(stderr=True)
+def _render_pesf(console: Any, m: dict) -> None:
     console.print(f"pesf ({m['mode']}): {m['steps']} steps; adapter {m['adapter_params']:,} params; student "
                   f"{m['params']['student']:,} params = {100 * m['params']['ratio']:.1f}% of the teacher; PKD map "
                   f"{m['pkd_map']}; teacher cache {m['cache']}")
-    console.print("final losses: " + ", ".join(f"{k} {v:.4f}" for k, v in m["loss_final"].items()))
-    rows = ("teacher", "teacher_adapted", "student_init", "student")
-    names = sorted({k for who in rows for k in m.get(who, {})})
-    table = Table(title="task metrics (accuracy/F1 in %)")
-    for col in ("model", *names):
-        table.add_column(col)
-    for who in rows:
-        table.add_row(who, *("-" if m[who].get(k) is None else f"{m[who][k]:.2f}" for k in names))
-    console.print(table)
+    console.print(_losses(m["loss_final"]))
+    console.print(_task_table(m, ("teacher", "teacher_adapted", "student_init", "student")))
     sharp = m["sharpness"]
-    table = Table(title="sharpness: mean log-sum-exp of logits / t")
-    for col in ("model", "t=1", f"t={sharp['temperature']:g}"):
-        table.add_column(col)
+    table = _table("sharpness: mean log-sum-exp of logits / t", ("model", "t=1", f"t={sharp['temperature']:g}"))
     for who in ("teacher", "teacher_adapted", "student_init", "student_final"):
         table.add_row(who, f"{sharp[who]['t1']:.4f}", f"{sharp[who]['tT']:.4f}")
     for gap in ("gap_before", "gap_after", "gap_after_original_teacher"):
         table.add_row(gap, f"{m[gap]['t1']:.4f}", f"{m[gap]['tT']:.4f}")
     console.print(table)
-    console.print(f"results in {results['out']}")

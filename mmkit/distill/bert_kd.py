@@ -14,8 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping, Sequence
 
@@ -24,10 +23,10 @@ import torch
 from torch import nn
 
 from mmkit.core import losses
-from mmkit.core.train import Callback, TrainConfig, TrainState, latest_checkpoint, train
+from mmkit.core.train import Callback, TrainConfig, TrainState, train
 from mmkit.distill import textcls
-from mmkit.distill.teacher_cache import Target, TeacherCache, estimate_bytes, make_key, plan, \
-    tokenizer_fingerprint, weights_fingerprint
+from mmkit.distill.common import StepStats, param_counts, saver
+from mmkit.distill.teacher_cache import CacheConfig, Target, open_cache, text_key_parts
 from mmkit.errors import ConfigError, ModelError
 from mmkit.io import RunDir, write_json
 
@@ -39,6 +38,7 @@ HEADS_FILE = "distill_heads.safetensors"
 STATE_FILE = "bert_kd_state.json"
 TOKEN_TERMS = ("hid", "att", "cca")  # terms that compare token positions: one tokenizer needed
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+DIAGNOSE_ONLY_TEACHER = "--diagnose-only: the teacher is not fine-tuned (the diagnostic reads hidden states only)"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -65,21 +65,6 @@ class StudentConfig:
     num_layers: int | None = None  # pretrained: keep the first N; teacher_layers/config: L_s
     init: Literal["pretrained", "teacher_layers", "config"] = "pretrained"
     config: dict = field(default_factory=dict)  # init config: overrides of the teacher's config
-
-
-@dataclass
-class DataConfig:
-    task: str | None = None  # GLUE name or a JSONL/CSV/parquet file / hub id
-    eval_task: str | None = None  # --eval-data; default: the GLUE task's validation split
-    split: str = "train"
-    eval_split: str | None = None
-    text_field: str | None = None
-    text_pair_field: str | None = None
-    label_field: str | None = None
-    revision: str | None = None
-    max_len: int = 128
-    max_examples: int | None = None
-    max_eval_examples: int | None = None
 
 
 @dataclass
@@ -143,29 +128,13 @@ class DiagnosticConfig:
 
 
 @dataclass
-class CacheConfig:
-    mode: Literal["auto", "on", "off"] | bool = "auto"  # YAML reads a bare on/off as a boolean
-    max_gb: float = 50.0
-    dtype: Literal["float16", "float32"] = "float16"
-    dir: str | None = None  # default <cache root>/teacher
-    ram_gb: float = 2.0
-    verify: bool = False
-    batch_size: int = 64
-    shard_examples: int = 8192
-
-    def validate(self) -> None:
-        if isinstance(self.mode, bool):
-            self.mode = "on" if self.mode else "off"
-
-
-@dataclass
 class BertKdConfig:
     """Everything ``mmkit distill bert-kd`` takes (built by ``mmkit.config.load_config``)."""
 
     method: str = "bert-kd"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: textcls.DataConfig = field(default_factory=textcls.DataConfig)
     layer_map: str | list[int] = "uniform"
     loss: LossConfig = field(default_factory=LossConfig)
     schedule: Literal["joint", "two_stage"] = "joint"
@@ -481,17 +450,11 @@ def _attention_term(plan: LossPlan, module: KdStudent, out: Any, teacher: Mappin
 
 
 @dataclass
-class StepStats:
-    """Per-term sums over the current epoch, the last finished epoch's means, CCA skips."""
+class KdStats(StepStats):
+    """The loss-term statistics plus how many batches skipped the CCA term."""
 
-    sums: dict[str, float] = field(default_factory=dict)
-    batches: int = 0
-    final: dict[str, float] = field(default_factory=dict)
     cca_skipped: int = 0
     cca_batches: int = 0
-
-    def means(self) -> dict[str, float]:
-        return {k: v / self.batches for k, v in self.sums.items()} if self.batches else dict(self.final)
 
 
 class BertKdStep(Callback):
@@ -501,7 +464,7 @@ class BertKdStep(Callback):
     def __init__(self, plan: LossPlan, teacher: Callable[[Mapping[str, Any]], Mapping[str, torch.Tensor]],
                  teacher_model: nn.Module | None = None) -> None:
         self.plan, self.teacher, self.teacher_model = plan, teacher, teacher_model
-        self.stats = StepStats()
+        self.stats = KdStats()
         self.state: TrainState | None = None
 
     def on_train_begin(self, state: TrainState) -> None:
@@ -510,16 +473,13 @@ class BertKdStep(Callback):
             self.teacher_model.to(state.accelerator.device)
         if isinstance(self.teacher, CachedTargets):
             self.teacher.device = state.accelerator.device
-        ckpt = latest_checkpoint(state.out)
-        if ckpt is not None and (ckpt / STATE_FILE).is_file():
-            self.stats = StepStats(**json.loads((ckpt / STATE_FILE).read_text()))
+        self.stats = KdStats.resume(state.out, STATE_FILE) or self.stats
 
     def on_save(self, state: TrainState, checkpoint: Path) -> None:
-        if state.accelerator.is_main_process:
-            write_json(checkpoint / STATE_FILE, asdict(self.stats))
+        self.stats.save(state, checkpoint / STATE_FILE)
 
     def on_epoch_end(self, state: TrainState) -> None:
-        self.stats.final, self.stats.sums, self.stats.batches = self.stats.means(), {}, 0
+        self.stats.end_epoch()
 
     def __call__(self, module: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         weights = self.plan.stage_weights(self.state.epoch if self.state is not None else 0)
@@ -534,9 +494,7 @@ class BertKdStep(Callback):
         if not torch.is_tensor(loss):  # every enabled term skipped (only CCA on, too few tokens)
             loss = sum(p.sum() * 0.0 for p in unwrapped.parameters() if p.requires_grad)
         out = {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
-        self.stats.batches += 1
-        for k, v in out.items():
-            self.stats.sums[k] = self.stats.sums.get(k, 0.0) + float(v.detach())
+        self.stats.add(out)
         return out
 
 
@@ -552,51 +510,6 @@ class Models:
     student_tokenizer: Any
     records: dict[str, dict[str, Any]]
     finetune: dict[str, Any] | None = None
-
-
-def _config(name: str, revision: str | None, field_name: str) -> Any:
-    from transformers import AutoConfig
-
-    from mmkit.core.models import resolve_source
-
-    path, _ = resolve_source(name)
-    try:
-        return AutoConfig.from_pretrained(path, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the model config: {str(exc).splitlines()[0]}", file=name,
-                         field=field_name) from exc
-
-
-def load_teacher(cfg: BertKdConfig, data: textcls.TextClsSet, run_dir: Path | None,
-                 eval_set: textcls.TextClsSet | None = None) -> tuple[Any, str, dict[str, Any] | None]:
-    """The frozen, eval-mode teacher ``(LoadedModel, path, finetune metrics)``; fine-tuned first
-    into ``run_dir/teacher_finetune`` when ``teacher.finetune`` asks for it (§1.2)."""
-    from mmkit.core.models import load_model
-
-    tc = cfg.teacher
-    config = _config(tc.id, tc.revision, "teacher.id")
-    mode = {True: "true", False: "false"}.get(tc.finetune, tc.finetune)
-    path, revision, metrics = tc.id, tc.revision, None
-    if cfg.diagnose_only and textcls.needs_finetune(mode, config):
-        log.info("--diagnose-only: the teacher is not fine-tuned (the diagnostic reads hidden states only)")
-        lm = load_model(path, "sequence-classifier", revision=revision, device=cfg.device, dtype="float32",
-                        ignore_mismatched_sizes=True, **textcls.label_kwargs(data))
-    elif textcls.needs_finetune(mode, config):
-        if run_dir is None:
-            raise ConfigError("the teacher has no classification head for the task and must be fine-tuned "
-                              "first: run mmkit distill bert-kd (which fine-tunes it), or pass a fine-tuned "
-                              "teacher", field="teacher.finetune")
-        result = textcls.finetune_classifier(tc.id, tc.revision, data, run_dir / "teacher_finetune", tc.train,
-                                             cfg.data.max_len, eval_set, device=cfg.device)
-        path, revision, metrics = str(result.path), None, result.metrics
-        lm = load_model(path, "sequence-classifier", device=cfg.device, dtype="float32")
-    else:
-        textcls.check_head(config, data, "teacher", file=tc.id)
-        lm = load_model(path, "sequence-classifier", revision=revision, device=cfg.device, dtype="float32")
-    textcls.check_head(lm.model.config, data, "teacher", file=tc.id)
-    lm.model.eval().requires_grad_(False)
-    encoder_layers(lm.model)
-    return lm, path, metrics
 
 
 def build_student(cfg: BertKdConfig, teacher: nn.Module, teacher_tokenizer: Any, data: textcls.TextClsSet,
@@ -665,10 +578,6 @@ def same_tokenizer(a: Any, b: Any, texts: Sequence[str], pairs: Sequence[str] | 
     return ea["input_ids"] == eb["input_ids"] and ea.get("token_type_ids") == eb.get("token_type_ids")
 
 
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 # --------------------------------------------------------------------------- diagnostic (§1.5)
 
 
@@ -733,26 +642,14 @@ class Setup:
     shared_tokens: bool
 
 
-def load_data(cfg: BertKdConfig) -> tuple[textcls.TextClsSet, textcls.TextClsSet | None]:
-    """The training split and the evaluation split (``--eval-data``, else the GLUE validation split)."""
-    d = cfg.data
-    fields = textcls.TaskFields(d.text_field, d.text_pair_field, d.label_field)
-    train_set = textcls.load_textcls(d.task, d.split, fields=fields, revision=d.revision, limit=d.max_examples)
-    eval_source = d.eval_task or (d.task if train_set.glue else None)
-    if eval_source is None:
-        log.warning("no --eval-data: task metrics are not computed")
-        return train_set, None
-    eval_split = d.eval_split or (train_set.glue.eval_split if train_set.glue and not d.eval_task else "train")
-    eval_set = textcls.load_textcls(eval_source, eval_split, fields=fields, revision=d.revision,
-                                    label_names=train_set.label_names, regression=train_set.regression,
-                                    limit=d.max_eval_examples)
-    return train_set, eval_set
-
-
 def prepare(cfg: BertKdConfig, run_dir: Path | None) -> Setup:
     """Load data and models, resolve the layer map and the losses, tokenise, check shared inputs."""
-    train_set, eval_set = load_data(cfg)
-    lm, t_path, ft_metrics = load_teacher(cfg, train_set, run_dir, eval_set)
+    train_set, eval_set = textcls.load_task(cfg.data)
+    if eval_set is None:
+        log.warning("no --eval-data: task metrics are not computed")
+    lm, t_path, ft_metrics = textcls.load_teacher(
+        cfg.teacher, train_set, run_dir, eval_set, command="bert-kd", max_len=cfg.data.max_len, device=cfg.device,
+        check=encoder_layers, skip_finetune=DIAGNOSE_ONLY_TEACHER if cfg.diagnose_only else None)
     teacher = lm.model
     l_t = len(encoder_layers(teacher))
     attn_mse = cfg.loss.attention.weight > 0 and cfg.loss.attention.mode in ("auto", "mse")
@@ -767,8 +664,7 @@ def prepare(cfg: BertKdConfig, run_dir: Path | None) -> Setup:
         raise ConfigError(f"the teacher and student tokenizers differ, but loss terms {', '.join(token_terms)} "
                           "compare token positions; use a student with the teacher's tokenizer or set their "
                           "weights to 0", field="student.id")
-    s_train = textcls.encode(s_tok, train_set, cfg.data.max_len)
-    t_train = s_train if shared else textcls.encode(lm.preprocessor, train_set, cfg.data.max_len)
+    s_train, t_train = textcls.encode_both(s_tok, lm.preprocessor, train_set, cfg.data.max_len, shared)
     records = {"teacher": {"id": cfg.teacher.id, "revision": lm.revision}, "student": s_record}
     if ft_metrics is not None:
         records["teacher_finetuned"] = {"id": t_path, "revision": None}
@@ -780,68 +676,16 @@ def teacher_source(cfg: BertKdConfig, setup: Setup) -> tuple[Callable, str, Teac
     """Live or cached teacher targets and the cache status (``hit``, ``built``, ``disabled: why``)."""
     live = TeacherTargets(setup.models.teacher, setup.plan, prefix="" if setup.shared_tokens else "teacher_",
                           dtype=cfg.cache.dtype)
-    t_enc = setup.t_train
-    size = estimate_bytes(live.targets, len(t_enc), int(t_enc.lengths.sum()))
-    log.info("teacher cache: estimated size %.1f MB for %d examples", size / 1024 ** 2, len(t_enc))
-    use, reason = plan(cfg.cache.mode, frozen=True, augmented=False, size_bytes=size, max_gb=cfg.cache.max_gb)
-    if not use:
-        log.info("teacher cache disabled: %s", reason)
-        return live, f"disabled: {reason}", live
-    cache = TeacherCache("bert-kd", cache_key(cfg, setup, live.targets), cfg.cache.dir)
-    status = "hit"
-    if not cache.complete:
-        collate = textcls.Collate(t_enc, setup.train_set.labels)
-        rank, world, barrier = _processes()
-        cache.build(t_enc.lengths, lambda rows: live.run(collate(rows.tolist())),
-                    batch_size=cfg.cache.batch_size, shard_examples=cfg.cache.shard_examples,
-                    rank=rank, world=world, barrier=barrier)
-        status = "built"
-    if cfg.cache.verify:
-        cache.verify()
-    log.info("teacher cache %s: %s", status, cache.dir)
-    device = next(setup.models.teacher.parameters()).device
-    return CachedTargets(cache.open(cfg.cache.ram_gb), device), status, live
-
-
-def _processes() -> tuple[int, int, Callable[[], None] | None]:
-    """(rank, world size, barrier) under ``accelerate launch``; (0, 1, None) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, None
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes, state.wait_for_everyone
-
-
-def cache_key(cfg: BertKdConfig, setup: Setup, targets: Sequence[Target]) -> dict[str, Any]:
-    """§5 key: teacher (id + weight hashes or revision, compute dtype), tokenizer hash, data
-    fingerprint with split, fields and size, max_len, truncation, padding side, targets."""
-    ts = setup.train_set
-    tok = setup.models.teacher_tokenizer
-    return make_key("bert-kd", targets,
-                    teacher={"id": setup.models.teacher_path, "dtype": "float32",
-                             **weights_fingerprint(setup.models.teacher_path,
-                                                   setup.models.records["teacher"]["revision"])},
-                    tokenizer=tokenizer_fingerprint(tok),
-                    data={**{k: v for k, v in ts.data.items() if k != "path"}, "source": ts.source,
-                          "fields": ts.fields},
-                    max_len=cfg.data.max_len, truncation="longest_first",
-                    padding_side=getattr(tok, "padding_side", "right"))
-
-
-def _saver(tokenizer: Any, record: dict[str, Any]) -> Callable[[nn.Module, Path], None]:
-    """``save_fn``: the student alone (``save_pretrained`` safetensors + tokenizer), so
-    ``AutoModelForSequenceClassification.from_pretrained(dir)`` loads it without mmkit."""
-    def save(module: nn.Module, directory: Path) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        model = module.model
-        model.config.distill = record
-        model.save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
-
-    return save
+    collate = textcls.Collate(setup.t_train, setup.train_set.labels)
+    m = setup.models
+    reader, status = open_cache(
+        "bert-kd", cfg.cache, live.targets, setup.t_train.lengths, lambda rows: live.run(collate(rows.tolist())),
+        lambda: text_key_parts(m.teacher_path, m.records["teacher"]["revision"], m.teacher_tokenizer, setup.train_set,
+                               cfg.data.max_len),
+        frozen=True)
+    if reader is None:
+        return live, status, live
+    return CachedTargets(reader, next(m.teacher.parameters()).device), status, live
 
 
 def _save_heads(module: KdStudent, path: Path) -> None:
@@ -859,8 +703,8 @@ def _eval_metrics(setup: Setup, cfg: BertKdConfig, student: nn.Module) -> dict[s
     if es is None:
         return {}
     m = setup.models
-    s_enc = textcls.encode(m.student_tokenizer, es, cfg.data.max_len)
-    t_enc = s_enc if setup.shared_tokens else textcls.encode(m.teacher_tokenizer, es, cfg.data.max_len)
+    s_enc, t_enc = textcls.encode_both(m.student_tokenizer, m.teacher_tokenizer, es, cfg.data.max_len,
+                                       setup.shared_tokens)
     return {"teacher": textcls.evaluate_classifier(m.teacher, t_enc, es, cfg.eval_batch_size),
             "student": textcls.evaluate_classifier(student, s_enc, es, cfg.eval_batch_size),
             "eval_examples": len(es)}
@@ -879,8 +723,8 @@ def _diagnostic(setup: Setup, cfg: BertKdConfig, student: nn.Module, out: Path, 
     if data is setup.train_set:
         s_enc, t_enc = setup.s_train, setup.t_train
     else:
-        s_enc = textcls.encode(m.student_tokenizer, data, cfg.data.max_len)
-        t_enc = s_enc if setup.shared_tokens else textcls.encode(m.teacher_tokenizer, data, cfg.data.max_len)
+        s_enc, t_enc = textcls.encode_both(m.student_tokenizer, m.teacher_tokenizer, data, cfg.data.max_len,
+                                           setup.shared_tokens)
     return diagnose(student, m.teacher, s_enc, t_enc, setup.layer_map, cfg.diagnostic, cfg.train.seed, out, tag,
                     setup.shared_tokens)
 
@@ -903,8 +747,7 @@ def run(cfg: BertKdConfig, out: str | None = None, overwrite: bool = False) -> d
         before = _diagnostic(setup, cfg, m.student, run_dir.path, "before")
         metrics: dict[str, Any] = {"cca_term": CCA_TERM, "layer_map": setup.layer_map,
                                    "attention_mode": setup.plan.att_mode,
-                                   "params": {"teacher": param_count(m.teacher), "student": param_count(m.student),
-                                              "ratio": param_count(m.student) / param_count(m.teacher)}}
+                                   "params": param_counts(m.teacher, m.student)}
         if m.finetune is not None:
             metrics["teacher_finetune"] = m.finetune
         if not cfg.diagnose_only:
@@ -934,7 +777,7 @@ def distil(cfg: BertKdConfig, setup: Setup, run_dir: RunDir) -> dict[str, Any]:
     record = {"method": "bert-kd", "teacher": m.records["teacher"], "layer_map": setup.layer_map, "cca_term": CCA_TERM}
     result = train(module, step, textcls.Indices(len(setup.train_set)), cfg.train, run_dir.path,
                    collate_fn=textcls.Collate(setup.s_train, setup.train_set.labels, extra),
-                   callbacks=[step], save_fn=_saver(m.student_tokenizer, record), final_dir="checkpoint")
+                   callbacks=[step], save_fn=saver(m.student_tokenizer, record), final_dir="checkpoint")
     _save_heads(module, run_dir / HEADS_FILE)
     module.eval()
     stats = step.stats

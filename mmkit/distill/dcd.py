@@ -16,7 +16,6 @@ with ``core/ranking.py``, timed side by side.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -34,9 +33,10 @@ from mmkit.core.data import load_image, pad_flat, tokenize_flat
 from mmkit.core.imagetext import ImageTextSet, load_image_text
 from mmkit.core.itm import Encoded, ItmScorer, check_layers, itm_scorer, preprocess_images
 from mmkit.core.seeding import stable_rng
-from mmkit.core.train import Callback, ParamGroup, TrainConfig, TrainState, latest_checkpoint, train
+from mmkit.core.train import Callback, ParamGroup, TrainConfig, TrainState, train
+from mmkit.distill.common import Checkpointed, Indices, saver
 from mmkit.errors import ConfigError, MmkitError
-from mmkit.io import RunDir, percent, write_json
+from mmkit.io import RunDir, percent
 from mmkit.progress import Progress
 
 log = logging.getLogger("mmkit")
@@ -336,7 +336,7 @@ def dcd_loss(t: torch.Tensor, s: torch.Tensor, alpha: float = 0.2, temperature: 
 
 
 @dataclass
-class Diagnostics:
+class Diagnostics(Checkpointed):
     """Training diagnostics (section 3.9): where the teacher ranked positives, mean H, w/h ranges."""
 
     examples: int = 0
@@ -382,13 +382,10 @@ class DcdStep(Callback):
     def on_train_begin(self, state: TrainState) -> None:
         self.state = state
         self.teacher.model.to(state.accelerator.device)
-        ckpt = latest_checkpoint(state.out)
-        if ckpt is not None and (ckpt / DIAGNOSTICS_FILE).is_file():
-            self.diagnostics = Diagnostics(**json.loads((ckpt / DIAGNOSTICS_FILE).read_text()))
+        self.diagnostics = Diagnostics.resume(state.out, DIAGNOSTICS_FILE) or self.diagnostics
 
     def on_save(self, state: TrainState, checkpoint: Path) -> None:
-        if state.accelerator.is_main_process:
-            write_json(checkpoint / DIAGNOSTICS_FILE, dataclasses.asdict(self.diagnostics))
+        self.diagnostics.save(state, checkpoint / DIAGNOSTICS_FILE)
 
     def __call__(self, model: nn.Module, batch: dict) -> dict[str, torch.Tensor]:
         cfg, n1, k = self.cfg, self.cfg.negatives + 1, self.cfg.topk
@@ -417,19 +414,6 @@ class DcdStep(Callback):
                 "entropy": out["entropy"].mean(), "w_max": out["w"].max()}
 
 
-class _Examples(torch.utils.data.Dataset):
-    """One example per caption (= per (image, caption) pair); items are caption indices."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
-
-
 class _ImageCollate:
     """Loads and preprocesses the examples' images (picklable: holds the processor, not the model)."""
 
@@ -438,22 +422,6 @@ class _ImageCollate:
 
     def __call__(self, examples: list[int]) -> dict[str, torch.Tensor]:
         return preprocess_images(self.processor, [load_image(self.images[self.text_to_image[e]]) for e in examples])
-
-
-def _saver(processor: Any, record: dict[str, Any]):
-    """``save_fn`` for the loop: the student as a full model of the teacher's class (safetensors),
-    its processor, and the provenance in ``config.json`` under ``distill``."""
-    def save(module: nn.Module, directory: Path) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        model = module.model
-        model.config.distill = record
-        model.save_pretrained(directory, safe_serialization=True)
-        if processor is not None:
-            processor.save_pretrained(directory)
-
-    return save
 
 
 def train_student(teacher: ItmScorer, data: ImageTextSet, cfg: DcdConfig, out: Path,
@@ -482,9 +450,9 @@ def train_student(teacher: ItmScorer, data: ImageTextSet, cfg: DcdConfig, out: P
               "teacher_fusion_layers": teacher.num_fusion_layers}
     log.info("student: fusion layers %s of %d; %d examples, N = %d negatives, K = %d",
              layers, teacher.num_fusion_layers, data.n_texts, cfg.negatives, cfg.topk)
-    result = train(module, step, _Examples(data.n_texts), tcfg, out,
+    result = train(module, step, Indices(data.n_texts), tcfg, out,  # one example per (image, caption) pair
                    collate_fn=_ImageCollate(data.images, data.text_to_image, teacher.processor),
-                   callbacks=[step], save_fn=_saver(teacher.processor, record), final_dir="student")
+                   callbacks=[step], save_fn=saver(teacher.processor, record), final_dir="student")
     module.eval()
     teacher.model.eval()
     metrics = {"steps": result.step, "epochs": result.epoch, "examples": data.n_texts, "negatives": cfg.negatives,

@@ -20,9 +20,9 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmkit.core.losses import ce_loss, is_regression
-from mmkit.core.train import Callback, ParamGroup, TrainConfig, TrainState, latest_checkpoint, train
+from mmkit.core.train import Callback, ParamGroup, TrainConfig, TrainState, train
 from mmkit.distill import textcls
-from mmkit.distill.teacher_cache import Target, TeacherCache, estimate_bytes, make_key, plan, \
-    tokenizer_fingerprint, weights_fingerprint
+from mmkit.distill.common import StepStats, param_count, param_counts, saver
+from mmkit.distill.teacher_cache import CacheConfig, Target, open_cache, text_key_parts, tokenizer_fingerprint
 from mmkit.errors import ConfigError, ModelError
 from mmkit.io import RunDir, atomic_dir, atomic_write, write_json
 
@@ -75,21 +75,6 @@ class StudentConfig:
 
 
 @dataclass
-class DataConfig:
-    task: str | None = None  # GLUE name or a JSONL/CSV/parquet file / hub id
-    eval_task: str | None = None  # --eval-data; default: the GLUE task's validation split
-    split: str = "train"
-    eval_split: str | None = None
-    text_field: str | None = None
-    text_pair_field: str | None = None
-    label_field: str | None = None
-    revision: str | None = None
-    max_len: int = 128
-    max_examples: int | None = None
-    max_eval_examples: int | None = None
-
-
-@dataclass
 class AdapterConfig:
     r: int = 64
     dropout: float = 0.1
@@ -104,25 +89,13 @@ class LossConfig:
 
 
 @dataclass
-class CacheConfig:
-    mode: Literal["auto", "on", "off"] = "auto"
-    max_gb: float = 50.0
-    dtype: Literal["float16", "float32"] = "float16"
-    dir: str | None = None  # default <cache root>/teacher
-    ram_gb: float = 2.0
-    verify: bool = False
-    batch_size: int = 64
-    shard_examples: int = 8192
-
-
-@dataclass
 class PesfConfig:
     """Everything ``mmkit distill pesf`` takes (built by ``mmkit.config.load_config``)."""
 
     method: str = "pesf"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: textcls.DataConfig = field(default_factory=textcls.DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     reproduce_released: bool = False
@@ -374,18 +347,6 @@ def student_parameters(module: PesfModule) -> Any:
 # --------------------------------------------------------------------------- one training step
 
 
-@dataclass
-class StepStats:
-    """Loss-term sums over the current epoch and the last finished epoch's means."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    batches: int = 0
-    final: dict[str, float] = field(default_factory=dict)
-
-    def means(self) -> dict[str, float]:
-        return {k: v / self.batches for k, v in self.sums.items()} if self.batches else dict(self.final)
-
-
 class PesfStep(Callback):
     """The loss the loop calls (teacher live or from the cache) plus the hooks it needs: the
     device of a frozen teacher and the loss statistics saved with every checkpoint."""
@@ -396,18 +357,14 @@ class PesfStep(Callback):
 
     def on_train_begin(self, state: TrainState) -> None:
         state.accelerator.unwrap_model(state.model).teacher_model.to(state.accelerator.device)
-        ckpt = latest_checkpoint(state.out)
-        if ckpt is not None and (ckpt / STATE_FILE).is_file():
-            self.stats = StepStats(**json.loads((ckpt / STATE_FILE).read_text()))
+        self.stats = StepStats.resume(state.out, STATE_FILE) or self.stats
 
     def on_save(self, state: TrainState, checkpoint: Path) -> None:
-        if state.accelerator.is_main_process:
-            write_json(checkpoint / STATE_FILE, asdict(self.stats))
+        self.stats.save(state, checkpoint / STATE_FILE)
 
     def on_epoch_end(self, state: TrainState) -> None:
-        means = self.stats.means()
+        means = self.stats.end_epoch()
         log.info("epoch %d loss means: %s", state.epoch, ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-        self.stats.final, self.stats.sums, self.stats.batches = means, {}, 0
 
     def __call__(self, module: nn.Module, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         inputs = {k: batch[k] for k in INPUT_KEYS if k in batch}
@@ -419,64 +376,11 @@ class PesfStep(Callback):
                                                  if self.prefix + k in batch})
         terms = pesf_loss(out["student"], out["teacher_adapted"], batch["labels"], out.get("cls_student"),
                           out.get("cls_teacher"), self.loss.alpha, self.loss.beta, self.loss.temperature)
-        self.stats.batches += 1
-        for k, v in terms.items():
-            self.stats.sums[k] = self.stats.sums.get(k, 0.0) + float(v.detach())
+        self.stats.add(terms)
         return {"loss": terms["loss"], **{k: terms[k].detach() for k in ("soft", "ce", "pkd")}}
 
 
 # --------------------------------------------------------------------------- models and data
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def _label_kwargs(data: textcls.TextClsSet) -> dict[str, Any]:
-    """Head settings for the task (id2label only for classes: ``id2label=None`` resets num_labels)."""
-    id2label = data.id2label()
-    labels = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
-    return {"num_labels": data.num_labels, **labels,
-            "problem_type": "regression" if data.regression else "single_label_classification"}
-
-
-def _model_config(name: str, revision: str | None, field_name: str) -> Any:
-    from transformers import AutoConfig
-
-    from mmkit.core.models import resolve_source
-
-    path, _ = resolve_source(name)
-    try:
-        return AutoConfig.from_pretrained(path, revision=revision)
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot read the model config: {str(exc).splitlines()[0]}", file=name,
-                         field=field_name) from exc
-
-
-def load_teacher(cfg: PesfConfig, data: textcls.TextClsSet, run_dir: Path | None,
-                 eval_set: textcls.TextClsSet | None = None) -> tuple[Any, str, dict[str, Any] | None]:
-    """The teacher classifier ``(LoadedModel, path, fine-tuning metrics)``: eval mode, frozen
-    unless ``reproduce_released``. Fine-tuned first into ``run_dir/teacher_finetune`` when
-    ``teacher.finetune`` asks for it (§2.2, with §1.2's settings)."""
-    from mmkit.core.models import load_model
-
-    tc = cfg.teacher
-    config = _model_config(tc.id, tc.revision, "teacher.id")
-    mode = {True: "true", False: "false"}.get(tc.finetune, tc.finetune)
-    path, revision, metrics = tc.id, tc.revision, None
-    if textcls.needs_finetune(mode, config):
-        if run_dir is None:
-            raise ConfigError("the teacher has no classification head for the task and must be fine-tuned "
-                              "first: run mmkit distill pesf (which fine-tunes it), or pass a fine-tuned teacher",
-                              field="teacher.finetune")
-        result = textcls.finetune_classifier(tc.id, tc.revision, data, run_dir / "teacher_finetune", tc.train,
-                                             cfg.data.max_len, eval_set, device=cfg.device)
-        path, revision, metrics = str(result.path), None, result.metrics
-    lm = load_model(path, "sequence-classifier", revision=revision, device=cfg.device, dtype="float32")
-    textcls.check_head(lm.model.config, data, "teacher", file=tc.id)
-    check_bert_classifier(lm.model, tc.id)
-    lm.model.eval().requires_grad_(cfg.reproduce_released)
-    return lm, path, metrics
 
 
 def new_classifier(model: nn.Module) -> None:
@@ -492,7 +396,7 @@ def build_student(cfg: PesfConfig, data: textcls.TextClsSet) -> tuple[nn.Module,
     from mmkit.core.models import load_model
 
     sc = cfg.student
-    config = _model_config(sc.id, sc.revision, "student.id")
+    config = textcls.model_config(sc.id, sc.revision, "student.id")
     have = getattr(config, "num_hidden_layers", None)
     kwargs: dict[str, Any] = {}
     if sc.num_layers is not None:
@@ -501,27 +405,12 @@ def build_student(cfg: PesfConfig, data: textcls.TextClsSet) -> tuple[nn.Module,
                               field="student.num_layers")
         kwargs["num_hidden_layers"] = sc.num_layers
     lm = load_model(sc.id, "sequence-classifier", revision=sc.revision, device=cfg.device, dtype="float32",
-                    ignore_mismatched_sizes=True, **kwargs, **_label_kwargs(data))
+                    ignore_mismatched_sizes=True, **kwargs, **textcls.label_kwargs(data))
     model = lm.model
     check_bert_classifier(model, sc.id, "student")
     new_classifier(model)
     model.requires_grad_(True).train()
     return model, lm.preprocessor, lm.record()
-
-
-def load_data(cfg: PesfConfig) -> tuple[textcls.TextClsSet, textcls.TextClsSet | None]:
-    """The training split and the evaluation split (``--eval-data``, else the GLUE validation split)."""
-    d = cfg.data
-    fields = textcls.TaskFields(d.text_field, d.text_pair_field, d.label_field)
-    train_set = textcls.load_textcls(d.task, d.split, fields=fields, revision=d.revision, limit=d.max_examples)
-    eval_source = d.eval_task or (d.task if train_set.glue else None)
-    if eval_source is None:
-        return train_set, None
-    eval_split = d.eval_split or (train_set.glue.eval_split if train_set.glue and not d.eval_task else "train")
-    eval_set = textcls.load_textcls(eval_source, eval_split, fields=fields, revision=d.revision,
-                                    label_names=train_set.label_names, regression=train_set.regression,
-                                    limit=d.max_eval_examples)
-    return train_set, eval_set
 
 
 @dataclass
@@ -547,8 +436,10 @@ class Setup:
 def prepare(cfg: PesfConfig, run_dir: Path | None) -> Setup:
     """Load data, the teacher (fine-tuned first if asked) and the student, build the adapter,
     resolve the PKD map (checking widths) and tokenise the training split for both models."""
-    train_set, eval_set = load_data(cfg)
-    lm, t_path, ft_metrics = load_teacher(cfg, train_set, run_dir, eval_set)
+    train_set, eval_set = textcls.load_task(cfg.data)
+    lm, t_path, ft_metrics = textcls.load_teacher(
+        cfg.teacher, train_set, run_dir, eval_set, command="pesf", max_len=cfg.data.max_len, device=cfg.device,
+        trainable=cfg.reproduce_released, check=lambda model: check_bert_classifier(model, cfg.teacher.id))
     teacher = lm.model
     student, s_tok, s_record = build_student(cfg, train_set)
     pkd_map: list[tuple[int, int]] = []
@@ -562,8 +453,7 @@ def prepare(cfg: PesfConfig, run_dir: Path | None) -> Setup:
     adapter = Adapter(teacher.config.hidden_size, train_set.num_labels, cfg.adapter.r, cfg.adapter.dropout)
     adapter.to(next(teacher.parameters()).device)
     shared = tokenizer_fingerprint(lm.preprocessor) == tokenizer_fingerprint(s_tok)
-    s_train = textcls.encode(s_tok, train_set, cfg.data.max_len)
-    t_train = s_train if shared else textcls.encode(lm.preprocessor, train_set, cfg.data.max_len)
+    s_train, t_train = textcls.encode_both(s_tok, lm.preprocessor, train_set, cfg.data.max_len, shared)
     records = {"teacher": {"id": cfg.teacher.id, "revision": lm.revision}, "student": s_record}
     if ft_metrics is not None:
         records["teacher_finetuned"] = {"id": t_path, "revision": None}
@@ -581,61 +471,21 @@ def cache_targets(setup: Setup, dtype: str) -> list[Target]:
             *(Target(f"cls.L{m}", "example", d_t, dtype) for _, m in setup.pkd_map)]
 
 
-def cache_key(cfg: PesfConfig, setup: Setup, targets: Sequence[Target]) -> dict[str, Any]:
-    """§5 key: teacher (id + weight hashes or revision, compute dtype), tokenizer hash, data
-    fingerprint with split, fields and size, max_len, truncation, padding side, targets."""
-    ts, tok = setup.train_set, setup.teacher_tokenizer
-    return make_key("pesf", targets,
-                    teacher={"id": setup.teacher_path, "dtype": "float32",
-                             **weights_fingerprint(setup.teacher_path, setup.records["teacher"]["revision"])},
-                    tokenizer=tokenizer_fingerprint(tok),
-                    data={**{k: v for k, v in ts.data.items() if k != "path"}, "source": ts.source,
-                          "fields": ts.fields},
-                    max_len=cfg.data.max_len, truncation="longest_first",
-                    padding_side=getattr(tok, "padding_side", "right"))
-
-
-def _processes() -> tuple[int, int, Callable[[], None] | None]:
-    """(rank, world size, barrier) under ``accelerate launch``; (0, 1, None) otherwise."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, None
-    from accelerate import PartialState
-
-    state = PartialState()
-    return state.process_index, state.num_processes, state.wait_for_everyone
-
-
 def teacher_cache(cfg: PesfConfig, setup: Setup) -> tuple[Any, str]:
     """A reader over the cached teacher targets, built if needed, and the cache status (``hit``,
     ``built`` or ``disabled: why``); ``(None, status)`` when the teacher runs live."""
-    targets = cache_targets(setup, cfg.cache.dtype)
-    t_enc = setup.t_train
-    size = estimate_bytes(targets, len(t_enc), int(t_enc.lengths.sum()))
-    use, reason = plan(cfg.cache.mode, frozen=not cfg.reproduce_released, augmented=False, size_bytes=size,
-                       max_gb=cfg.cache.max_gb)
-    if not use:
-        log.info("teacher cache disabled: %s", reason)
-        return None, f"disabled: {reason}"
-    log.info("teacher cache: estimated size %.1f MB for %d examples", size / 1024 ** 2, len(t_enc))
-    cache = TeacherCache("pesf", cache_key(cfg, setup, targets), cfg.cache.dir)
-    status = "hit"
-    if not cache.complete:
-        collate = textcls.Collate(t_enc, setup.train_set.labels)
-        device = next(setup.teacher.parameters()).device
-        layers = [m for _, m in setup.pkd_map]
+    collate = textcls.Collate(setup.t_train, setup.train_set.labels)
+    device = next(setup.teacher.parameters()).device
+    layers = [m for _, m in setup.pkd_map]
 
-        def compute(rows: np.ndarray) -> dict[str, torch.Tensor]:
-            batch = collate(rows.tolist())
-            return teacher_targets(setup.teacher, {k: batch[k].to(device) for k in INPUT_KEYS if k in batch}, layers)
+    def compute(rows: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = collate(rows.tolist())
+        return teacher_targets(setup.teacher, {k: batch[k].to(device) for k in INPUT_KEYS if k in batch}, layers)
 
-        rank, world, barrier = _processes()
-        cache.build(t_enc.lengths, compute, batch_size=cfg.cache.batch_size, shard_examples=cfg.cache.shard_examples,
-                    rank=rank, world=world, barrier=barrier)
-        status = "built"
-    if cfg.cache.verify:
-        cache.verify()
-    log.info("teacher cache %s: %s", status, cache.dir)
-    return cache.open(cfg.cache.ram_gb), status
+    return open_cache("pesf", cfg.cache, cache_targets(setup, cfg.cache.dtype), setup.t_train.lengths, compute,
+                      lambda: text_key_parts(setup.teacher_path, setup.records["teacher"]["revision"],
+                                             setup.teacher_tokenizer, setup.train_set, cfg.data.max_len),
+                      frozen=not cfg.reproduce_released)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -648,9 +498,8 @@ class Evaluator:
     def __init__(self, setup: Setup, cfg: PesfConfig) -> None:
         es = setup.eval_set
         self.data, self.cfg, self.setup = es, cfg, setup
-        self.s_enc = textcls.encode(setup.student_tokenizer, es, cfg.data.max_len)
-        self.t_enc = self.s_enc if setup.shared_tokens else textcls.encode(setup.teacher_tokenizer, es,
-                                                                           cfg.data.max_len)
+        self.s_enc, self.t_enc = textcls.encode_both(setup.student_tokenizer, setup.teacher_tokenizer, es,
+                                                     cfg.data.max_len, setup.shared_tokens)
         self._teacher: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def teacher_outputs(self, teacher: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -724,21 +573,6 @@ def evaluate_before(ev: Evaluator, setup: Setup, path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------- the command
 
 
-def _saver(tokenizer: Any, record: dict[str, Any]) -> Callable[[nn.Module, Path], None]:
-    """``save_fn``: the student alone (``save_pretrained`` safetensors + tokenizer), so
-    ``AutoModelForSequenceClassification.from_pretrained(dir)`` loads it without mmkit."""
-    def save(module: nn.Module, directory: Path) -> None:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        student = module.student
-        student.config.distill = record
-        student.save_pretrained(directory, safe_serialization=True)
-        tokenizer.save_pretrained(directory)
-
-    return save
-
-
 def run(cfg: PesfConfig, out: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """``mmkit distill pesf``: (fine-tune the teacher,) evaluate teacher and initial student,
     train student and adapter (resumable), save them, evaluate again and write ``results.json``."""
@@ -779,7 +613,7 @@ def distil(cfg: PesfConfig, setup: Setup, run_dir: RunDir) -> dict[str, Any]:
              setup.pkd_map, param_count(setup.adapter))
     result = train(module, step, textcls.Indices(len(setup.train_set)), tcfg, run_dir.path,
                    collate_fn=textcls.Collate(setup.s_train, setup.train_set.labels, extra),
-                   eval_fn=ev.epoch, callbacks=[step], save_fn=_saver(setup.student_tokenizer, record),
+                   eval_fn=ev.epoch, callbacks=[step], save_fn=saver(setup.student_tokenizer, record, "student"),
                    final_dir="checkpoint", clip_parameters=student_parameters if cfg.reproduce_released else None)
     module.eval()
     save_adapter(setup.adapter, run_dir.path, {**setup.records["teacher"], "finetuned": setup.records.get(
@@ -800,8 +634,7 @@ def distil(cfg: PesfConfig, setup: Setup, run_dir: RunDir) -> dict[str, Any]:
         "gap_after": _gap(sharp["teacher_adapted"], sharp["student_final"]),
         "gap_after_original_teacher": _gap(sharp["teacher"], sharp["student_final"]),
         "adapter_params": param_count(setup.adapter), "loss_final": step.stats.means(),
-        "params": {"teacher": param_count(setup.teacher), "student": param_count(setup.student),
-                   "ratio": param_count(setup.student) / param_count(setup.teacher)},
+        "params": param_counts(setup.teacher, setup.student),
         "pkd_map": [list(p) for p in setup.pkd_map], "cache": cache_status, "steps": result.step,
         "epochs": result.epoch, "train_examples": len(setup.train_set), "eval_examples": len(setup.eval_set),
     }

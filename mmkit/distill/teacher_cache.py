@@ -22,7 +22,7 @@ import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import numpy as np
 
@@ -48,6 +48,24 @@ _ST = {"F32": np.float32, "F16": np.float16, "I64": np.int64}
 CACHE_BUILDERS: Registry = Registry("cache-building method")
 CACHE_BUILDERS.register("bert-kd", "mmkit.distill.bert_kd:build_cache")
 CACHE_BUILDERS.register("pesf", "mmkit.distill.pesf:build_cache")
+
+
+@dataclass
+class CacheConfig:
+    """The ``cache`` section of a method's config."""
+
+    mode: Literal["auto", "on", "off"] | bool = "auto"  # YAML reads a bare on/off as a boolean
+    max_gb: float = 50.0
+    dtype: Literal["float16", "float32"] = "float16"
+    dir: str | None = None  # default <cache root>/teacher
+    ram_gb: float = 2.0
+    verify: bool = False
+    batch_size: int = 64
+    shard_examples: int = 8192
+
+    def validate(self) -> None:
+        if isinstance(self.mode, bool):
+            self.mode = "on" if self.mode else "off"
 
 
 @dataclass(frozen=True)
@@ -102,6 +120,18 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256((meta + body).encode("utf-8")).hexdigest()
 
 
+def text_key_parts(teacher_path: str, revision: str | None, tokenizer: Any, data: Any, max_len: int) -> dict[str, Any]:
+    """The key parts of a text-classification teacher (:func:`make_key`): teacher (id + weight
+    hashes or revision, compute dtype), tokenizer hash, data fingerprint (a ``TextClsSet``'s, with
+    split, fields and size), max_len, truncation and padding side."""
+    return {"teacher": {"id": teacher_path, "dtype": "float32", **weights_fingerprint(teacher_path, revision)},
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "data": {**{k: v for k, v in data.data.items() if k != "path"}, "source": data.source,
+                     "fields": data.fields},
+            "max_len": max_len, "truncation": "longest_first",
+            "padding_side": getattr(tokenizer, "padding_side", "right")}
+
+
 def estimate_bytes(targets: Sequence[Target], n: int, total_tokens: int) -> int:
     """Storage size of the targets for ``n`` examples of ``total_tokens`` tokens in all."""
     per_example = sum(t.itemsize for t in targets if t.per == "example")
@@ -125,6 +155,44 @@ def plan(mode: str, *, frozen: bool, augmented: bool, size_bytes: int, max_gb: f
     if mode == "on":
         raise ConfigError(f"the teacher cache cannot be used: {'; '.join(reasons)}", field="cache.mode")
     return False, "; ".join(reasons)
+
+
+def open_cache(method: str, settings: CacheConfig, targets: Sequence[Target], lengths: np.ndarray,
+               compute: Callable[[np.ndarray], Mapping[str, Any]], key_parts: Callable[[], Mapping[str, Any]], *,
+               frozen: bool) -> tuple[CacheReader | None, str]:
+    """A method's teacher cache as ``settings`` asks: ``(reader, "hit" | "built")``, or ``(None,
+    "disabled: why")`` when :func:`plan` rules it out. An incomplete cache is first built with
+    ``compute`` over the examples of token counts ``lengths`` (under ``accelerate launch`` each
+    process builds its share), then re-hashed if ``settings.verify``. ``key_parts()`` (what
+    :func:`make_key` adds to method and targets) is only called when the cache is used: it may
+    hash the teacher's weights."""
+    size = estimate_bytes(targets, len(lengths), int(lengths.sum()))
+    log.info("teacher cache: estimated size %.1f MB for %d examples", size / 1024 ** 2, len(lengths))
+    use, reason = plan(settings.mode, frozen=frozen, augmented=False, size_bytes=size, max_gb=settings.max_gb)
+    if not use:
+        log.info("teacher cache disabled: %s", reason)
+        return None, f"disabled: {reason}"
+    cache = TeacherCache(method, make_key(method, targets, **key_parts()), settings.dir)
+    status = "hit"
+    if not cache.complete:
+        rank, world, barrier = _processes()
+        cache.build(lengths, compute, batch_size=settings.batch_size, shard_examples=settings.shard_examples,
+                    rank=rank, world=world, barrier=barrier)
+        status = "built"
+    if settings.verify:
+        cache.verify()
+    log.info("teacher cache %s: %s", status, cache.dir)
+    return cache.open(settings.ram_gb), status
+
+
+def _processes() -> tuple[int, int, Callable[[], None] | None]:
+    """(rank, world size, barrier) under ``accelerate launch``; (0, 1, None) otherwise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    from accelerate import PartialState
+
+    state = PartialState()
+    return state.process_index, state.num_processes, state.wait_for_everyone
 
 
 # --------------------------------------------------------------------------- the cache

@@ -1,14 +1,16 @@
 """Text-classification tasks shared by ``bert-kd`` and ``pesf`` (distill.md §0).
 
-``--task`` is a GLUE name (:data:`GLUE`, loaded from the hub with ``datasets``) or a JSONL/CSV/
+``--task`` is a GLUE name (:data:`GLUE`, loaded from the hub with ``datasets``), a built-in
+offline task (:data:`BUILTIN_TASKS`: ``builtin:sharegpt-match[:train|test]``) or a JSONL/CSV/
 parquet file (any source :func:`mmkit.io.read_records` reads) with fields ``text``, optional
 ``text_pair`` and ``label`` (names configurable). Label rules: integer labels are class ids;
 a label column of floats means regression (C = 1); any other labels are strings, mapped to
 ids in sorted order and kept as ``label_names`` (the model's ``id2label``). Token type ids come
 from the tokenizer; batches are padded dynamically (to the longest row of the batch).
 
-Also here because both methods need them: task metrics, batched prediction, and
-``teacher.finetune`` (fine-tuning a teacher that has no classification head for the task).
+Also here because both methods need them: the ``data`` config section, task metrics, batched
+prediction, and loading the teacher classifier with ``teacher.finetune`` (fine-tuning a teacher
+that has no classification head for the task).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from mmkit.core.data import TokenArrays, length_sorted_batches, pad_flat
+from mmkit.distill.common import Indices
 from mmkit.errors import ConfigError, DataError, ModelError
 from mmkit.registry import Registry
 
@@ -64,8 +67,40 @@ GLUE: dict[str, GlueTask] = {t.name: t for t in (
     GlueTask("wnli", "sentence1", "sentence2", ("not_entailment", "entailment"), ("accuracy",)),
 )}
 
+#: ``builtin:<name>[:<split>]`` tasks mmkit builds from offline assets: name -> ``fn(split) -> record file``.
+BUILTIN_TASKS: Registry = Registry("built-in text task")
+BUILTIN_TASKS.register("sharegpt-match", "mmkit.distill.sharegpt_match:task_file")
+
+
+def builtin_task(task: str, split: str) -> tuple[str, str]:
+    """``builtin:<name>[:<split>]`` -> (the split's record file, built on first use; the split);
+    any other task is returned unchanged."""
+    kind, _, rest = task.partition(":")
+    name, _, named_split = rest.partition(":")
+    if kind != "builtin" or name not in BUILTIN_TASKS:
+        return task, split
+    split = named_split or split
+    return str(BUILTIN_TASKS.resolve(name)(split)), split
+
 
 # --------------------------------------------------------------------------- loading
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` section of a text-classification method's config."""
+
+    task: str | None = None  # GLUE name or a JSONL/CSV/parquet file / hub id
+    eval_task: str | None = None  # --eval-data; default: the GLUE task's validation split
+    split: str = "train"
+    eval_split: str | None = None
+    text_field: str | None = None
+    text_pair_field: str | None = None
+    label_field: str | None = None
+    revision: str | None = None
+    max_len: int = 128
+    max_examples: int | None = None
+    max_eval_examples: int | None = None
 
 
 @dataclass
@@ -153,7 +188,7 @@ def load_textcls(task: str, split: str = "train", *, fields: TaskFields | None =
 
     fields = fields or TaskFields()
     glue = GLUE.get(task.lower())
-    source = glue.source if glue else task
+    source, split = (glue.source, split) if glue else builtin_task(task, split)
     text_f = fields.text or (glue.text if glue else "text")
     pair_f = fields.text_pair or (glue.text_pair if glue else None)
     label_f = fields.label or (glue.label if glue else "label")
@@ -179,6 +214,21 @@ def load_textcls(task: str, split: str = "train", *, fields: TaskFields | None =
     data["split"] = split
     return TextClsSet(texts, pairs if pair_f else None, ids, names, source, split,
                       {"text": text_f, "text_pair": pair_f, "label": label_f}, data, glue)
+
+
+def load_task(d: DataConfig) -> tuple[TextClsSet, TextClsSet | None]:
+    """The training split and the evaluation split (``--eval-data``, else the GLUE validation
+    split; ``None`` for a file task without ``--eval-data``), which follows the training labels."""
+    fields = TaskFields(d.text_field, d.text_pair_field, d.label_field)
+    train_set = load_textcls(d.task, d.split, fields=fields, revision=d.revision, limit=d.max_examples)
+    eval_source = d.eval_task or (d.task if train_set.glue else None)
+    if eval_source is None:
+        return train_set, None
+    eval_split = d.eval_split or (train_set.glue.eval_split if train_set.glue and not d.eval_task else "train")
+    eval_set = load_textcls(eval_source, eval_split, fields=fields, revision=d.revision,
+                            label_names=train_set.label_names, regression=train_set.regression,
+                            limit=d.max_eval_examples)
+    return train_set, eval_set
 
 
 def _text(rec: Any, name: str) -> str:
@@ -262,17 +312,11 @@ def encode(tokenizer: Any, data: TextClsSet, max_len: int, chunk: int = 8192) ->
     return Encoded(TokenArrays.concat(ids), TokenArrays.concat(types) if has_types else None, pad_id)
 
 
-class Indices:
-    """A dataset of example indices ``0..n-1`` (the collate fetches the rows)."""
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> int:
-        return i
+def encode_both(student_tokenizer: Any, teacher_tokenizer: Any, data: TextClsSet, max_len: int,
+                shared: bool) -> tuple[Encoded, Encoded]:
+    """``data`` encoded for the student and for the teacher (the same arrays when ``shared``)."""
+    s_enc = encode(student_tokenizer, data, max_len)
+    return s_enc, s_enc if shared else encode(teacher_tokenizer, data, max_len)
 
 
 class Collate:
@@ -393,6 +437,21 @@ def label_kwargs(data: TextClsSet) -> dict[str, Any]:
     return out
 
 
+def model_config(name: str, revision: str | None, field_name: str) -> Any:
+    """A model's ``AutoConfig`` (hub id, directory or ``bundled:`` name); a :class:`ModelError`
+    naming ``field_name`` when it cannot be read."""
+    from transformers import AutoConfig
+
+    from mmkit.core.models import resolve_source
+
+    path, _ = resolve_source(name)
+    try:
+        return AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the model config: {str(exc).splitlines()[0]}", file=name,
+                         field=field_name) from exc
+
+
 def has_classification_head(config: Any) -> bool:
     """Whether a saved model is a sequence classifier (``config.architectures``)."""
     return any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
@@ -453,3 +512,39 @@ def finetune_classifier(model_id: str, revision: str | None, train_set: TextClsS
     if eval_set is not None:
         metrics["eval"] = evaluate_classifier(lm.model, encode(lm.preprocessor, eval_set, max_len), eval_set)
     return FinetuneResult(result.model_dir, metrics)
+
+
+def load_teacher(teacher: Any, data: TextClsSet, run_dir: Path | None, eval_set: TextClsSet | None = None, *,
+                 command: str, max_len: int, device: str = "auto", trainable: bool = False,
+                 check: Callable[[Any], Any] | None = None,
+                 skip_finetune: str | None = None) -> tuple[Any, str, dict[str, Any] | None]:
+    """The teacher classifier ``(LoadedModel, path, fine-tuning metrics)`` in eval mode, frozen
+    unless ``trainable``, from a method's ``teacher`` section (``id``, ``revision``, ``finetune``,
+    ``train``): fine-tuned first into ``run_dir/teacher_finetune`` when ``teacher.finetune`` asks
+    for it (distill.md §1.2, §2.2), its head checked against the task, then ``check(model)`` (the
+    method's own model check). ``skip_finetune``: a teacher that needs fine-tuning is loaded with a
+    new head instead, and this reason is logged. ``command`` names the method in errors."""
+    from mmkit.core.models import load_model
+
+    config = model_config(teacher.id, teacher.revision, "teacher.id")
+    mode = {True: "true", False: "false"}.get(teacher.finetune, teacher.finetune)
+    path, revision, metrics, new_head = teacher.id, teacher.revision, None, {}
+    if needs_finetune(mode, config) and skip_finetune:
+        log.info("%s", skip_finetune)
+        new_head = {"ignore_mismatched_sizes": True, **label_kwargs(data)}
+    elif needs_finetune(mode, config):
+        if run_dir is None:
+            raise ConfigError("the teacher has no classification head for the task and must be fine-tuned "
+                              f"first: run mmkit distill {command} (which fine-tunes it), or pass a fine-tuned "
+                              "teacher", field="teacher.finetune")
+        result = finetune_classifier(teacher.id, teacher.revision, data, run_dir / "teacher_finetune",
+                                     teacher.train, max_len, eval_set, device=device)
+        path, revision, metrics = str(result.path), None, result.metrics
+    else:
+        check_head(config, data, "teacher", file=teacher.id)
+    lm = load_model(path, "sequence-classifier", revision=revision, device=device, dtype="float32", **new_head)
+    check_head(lm.model.config, data, "teacher", file=teacher.id)
+    if check is not None:
+        check(lm.model)
+    lm.model.eval().requires_grad_(trainable)
+    return lm, path, metrics

@@ -18,14 +18,16 @@ from mmkit.errors import ConfigError
 WORDS = "man woman dog cat car tree sky water road bus train horse".split()
 
 
-def write_task(path: Path, n: int, seed: int) -> str:
-    """A separable pair task: label pos when the first text mentions a dog."""
+def write_task(path: Path, n: int, seed: int, regression: bool = False) -> str:
+    """A separable pair task: label pos when the first text mentions a dog (``regression``: the
+    float number of dogs it mentions)."""
     rng = random.Random(seed)
     rows = []
     for _ in range(n):
         a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 9)))
         b = " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 6)))
-        rows.append({"text": a, "text_pair": b, "label": "pos" if "dog" in a.split() else "neg"})
+        label = float(a.split().count("dog")) if regression else "pos" if "dog" in a.split() else "neg"
+        rows.append({"text": a, "text_pair": b, "label": label})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
 
@@ -303,3 +305,19 @@ def test_a_bare_encoder_teacher_is_fine_tuned_first_and_a_config_student_built(m
     before = json.loads((tmp_path / "run" / "cca_before.json").read_text())
     assert before["mapped_pairs"] == [[0, 0], [1, 2], [2, 4]] and len(before["cca"]) == 3 and len(before["cca"][0]) == 5
     assert set(metrics["cca_mapped_mean_after"]) == {"cca", "svcca", "pwcca", "cka"}
+
+
+def test_a_regression_task_fine_tunes_the_teacher_and_distils_a_one_output_student(tiny_bert, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    task = (write_task(tmp_path / "train.jsonl", 32, 4, regression=True),
+            write_task(tmp_path / "test.jsonl", 16, 5, regression=True))
+    cfg = make_config(tiny_bert, task, tiny_bert, **{**E2E, "teacher.finetune": "auto", "teacher.train.epochs": 1,
+                                                     "train.epochs": 1, "train.batch_size": 8})
+    metrics = bert_kd.run(cfg, str(tmp_path / "run"))["metrics"]
+    assert metrics["teacher_finetune"]["steps"] == 4  # 32 examples, batch 8, 1 epoch
+    assert set(metrics["teacher"]) == set(metrics["student"]) == {"pearson", "spearman"}
+    for folder in ("teacher_finetune/model", "checkpoint"):
+        model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / folder)
+        assert model.classifier.out_features == model.config.num_labels == 1, folder
+        assert model.config.problem_type == "regression", folder

@@ -219,7 +219,7 @@ def test_student_keeps_the_first_layers_with_a_new_classifier(task, teacher_path
 
     source = make_tiny_bert(num_layers=4, classifier=True)  # a classifier: its head must not be reused
     cfg = config(teacher_path, source, *task, **{"student.num_layers": 2})
-    student, _, record = pesf.build_student(cfg, pesf.load_data(cfg)[0])
+    student, _, record = pesf.build_student(cfg, textcls.load_task(cfg.data)[0])
     original = BertForSequenceClassification.from_pretrained(source)
     assert len(student.bert.encoder.layer) == 2 and student.config.num_hidden_layers == 2
     for i in range(2):
@@ -229,7 +229,8 @@ def test_student_keeps_the_first_layers_with_a_new_classifier(task, teacher_path
     assert not torch.equal(student.classifier.weight, original.classifier.weight)
     assert torch.count_nonzero(student.classifier.bias) == 0 and record["id"] == source
     with pytest.raises(ConfigError, match="--student-layers 5 but the student has 4 layers"):
-        pesf.build_student(config(teacher_path, source, *task, **{"student.num_layers": 5}), pesf.load_data(cfg)[0])
+        pesf.build_student(config(teacher_path, source, *task, **{"student.num_layers": 5}),
+                           textcls.load_task(cfg.data)[0])
 
 
 def test_faithful_step_gives_gradients_only_to_student_and_adapter(task, teacher_path, tiny_bert):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mmkit.distill.teacher_cache import MANIFEST, Target, TeacherCache, estimate_bytes, key_digest, make_key, plan, \
-    weights_fingerprint
+from mmkit.distill.teacher_cache import MANIFEST, CacheConfig, Target, TeacherCache, estimate_bytes, key_digest, \
+    make_key, open_cache, plan, weights_fingerprint
 from mmkit.errors import ConfigError, MmkitError
 
 TARGETS = [Target("logits", "example", 2, "float32"), Target("tok.h.L1", "token", 3, "float16")]
@@ -127,3 +127,33 @@ def test_plan_modes_and_size_estimate():
     assert plan("off", frozen=True, augmented=False, size_bytes=0, max_gb=1) == (False, "cache.mode is off")
     with pytest.raises(ConfigError, match="cannot be used"):
         plan("on", frozen=True, augmented=False, size_bytes=2 * 1024 ** 3, max_gb=1)
+
+
+def test_open_cache_builds_once_then_hits_and_keys_only_a_used_cache(tmp_path):
+    asked = []
+
+    def key_parts():
+        asked.append(1)
+        return {"teacher": "fake"}
+
+    teacher = FakeTeacher()
+    settings = CacheConfig(mode="auto", dir=str(tmp_path), batch_size=3, verify=True)
+    reader, status = open_cache("m", settings, TARGETS, LENGTHS, teacher, key_parts, frozen=False)
+    assert (reader, status) == (None, "disabled: the teacher is trained") and asked == [] and teacher.calls == 0
+    reader, status = open_cache("m", settings, TARGETS, LENGTHS, teacher, key_parts, frozen=True)
+    assert status == "built" and teacher.examples == len(LENGTHS) and len(asked) == 1
+    assert reader.get([4])["logits"].tolist() == [[4.0, -4.0]]
+    reader, status = open_cache("m", settings, TARGETS, LENGTHS, teacher, key_parts, frozen=True)
+    assert status == "hit" and teacher.examples == len(LENGTHS) and len(reader) == len(LENGTHS)
+    with pytest.raises(ConfigError, match="the teacher is trained"):
+        open_cache("m", CacheConfig(mode="on", dir=str(tmp_path)), TARGETS, LENGTHS, teacher, key_parts, frozen=False)
+
+
+@pytest.mark.parametrize("yaml_mode, mode", [("off", "off"), ("on", "on"), ("auto", "auto")])
+def test_cache_config_reads_yamls_bare_on_and_off(tmp_path, yaml_mode, mode):
+    from mmkit.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"mode: {yaml_mode}\n", encoding="utf-8")  # YAML 1.1 reads bare on/off as booleans
+    assert load_config(CacheConfig, file=path).mode == mode
+

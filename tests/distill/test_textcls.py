@@ -109,3 +109,20 @@ def test_head_checks_and_finetune_modes():
     with pytest.raises(ConfigError):
         textcls.needs_finetune("sometimes", Bare())
     assert math.isclose(textcls.finetune_defaults().lr, 2e-5) and textcls.finetune_defaults().epochs == 4
+
+
+def test_finetune_classifier_on_a_regression_task_gives_a_one_output_head(tmp_path, tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    words = "man woman dog cat car tree sky water".split()
+    rows = [{"text": " ".join(words[(i * 3 + j) % 8] for j in range(4 + i % 3)), "label": 0.5 * (i % 5)}
+            for i in range(24)]
+    data = textcls.load_textcls(write_jsonl(tmp_path / "reg.jsonl", rows))
+    assert data.regression
+    train_cfg = textcls.finetune_defaults()
+    train_cfg.epochs = 1
+    result = textcls.finetune_classifier(tiny_bert, None, data, tmp_path / "ft", train_cfg, 16, data, device="cpu")
+    assert result.metrics["steps"] == 3 and set(result.metrics["eval"]) == {"pearson", "spearman"}
+    model = AutoModelForSequenceClassification.from_pretrained(result.path)
+    assert model.classifier.out_features == model.config.num_labels == 1
+    assert model.config.problem_type == "regression" and "id2label" not in textcls.label_kwargs(data)
