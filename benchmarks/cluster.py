@@ -43,7 +43,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.embed import interleaved, machine_info, padded_tokens  # noqa: E402
+from benchmarks.common import machine_info, write_section  # noqa: E402
+from benchmarks.embed import interleaved, padded_tokens  # noqa: E402
 from benchmarks.kmeans import machine, make_data  # noqa: E402
 from mmkit.core.seeding import stable_rng  # noqa: E402
 
@@ -448,25 +449,6 @@ def cluster_section(res: dict, args: argparse.Namespace) -> list[str]:
         "",
     ]
     return lines
-
-
-def write_section(path: Path, heading: str, lines: list[str]) -> None:
-    """Replace (or append) one '## ' section of ``path``, re-reading the file right before writing."""
-    from mmkit.io import atomic_write
-
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    doc = text.splitlines()
-    section = [heading, "", *lines]
-    while section[-1] == "":
-        section.pop()
-    if heading in doc:
-        start = doc.index(heading)
-        end = next((i for i in range(start + 1, len(doc)) if doc[i].startswith("## ")), len(doc))
-        doc[start:end] = section + ([""] if end < len(doc) else [])
-    else:
-        doc += ["", *section] if doc and doc[-1] else section
-    with atomic_write(path) as fh:
-        fh.write("\n".join(doc).rstrip("\n") + "\n")
 
 
 def _jsonable(obj: Any) -> Any:

@@ -14,8 +14,6 @@ the speed-up ``unsorted_time / sorted_time`` and writes the section
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,31 +23,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import machine_info, write_section  # noqa: E402
+
 from mmkit.core import embed as E  # noqa: E402
 from mmkit.core.data import (input_order_batches, length_sorted_batches,  # noqa: E402
                              tokenize_flat)
 
 HEADING = "## Text encoding (core/embed.py)"
 GOAL = 1.5
-
-
-def machine_info() -> str:
-    import torch
-    import transformers
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = f", load average {os.getloadavg()[0]:.1f} at the start" if hasattr(os, "getloadavg") else ""
-    return (f"{cpu}, {cores} cores available{load}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, Python {platform.python_version()}, "
-            f"{platform.system()} {platform.release()}")
 
 
 def sample_texts(n: int, seed: int) -> list[str]:
@@ -92,24 +73,6 @@ def interleaved(loaded, texts: list[str], length: int, batch_size: int):
             total[mode] += time.perf_counter() - t0
             out[mode][rows] = emb[rows]
     return (total[True], total[False]), out
-
-
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section, re-reading the file right before writing."""
-    from mmkit.io import atomic_write
-
-    section = f"{HEADING}\n\n{body.strip()}\n"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        after = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    with atomic_write(path) as fh:
-        fh.write(new)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,7 +158,7 @@ batch size {args.batch_size}, after a warm-up, in the same process. {how}
 - Same embeddings either way: max absolute difference {diff:.1e} (limit 1e-4).
 - Machine: {info}.
 """
-        write_section(Path(args.out), body)
+        write_section(Path(args.out), HEADING, body)
         print(f"wrote the section {HEADING!r} of {args.out}")
     return 0 if ok_equal else 1
 

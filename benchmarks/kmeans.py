@@ -26,6 +26,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_section  # noqa: E402
+
 from mmkit.core.kmeans import kmeans  # noqa: E402
 from mmkit.core.seeding import stable_rng  # noqa: E402
 
@@ -71,23 +73,6 @@ def machine() -> list[str]:
         f"{sklearn.__version__}, scipy {scipy.__version__}",
         f"- threads: faiss OpenMP {faiss.omp_get_max_threads()}; thread pools: {pools}",
     ]
-
-
-def write_section(lines: list[str]) -> None:
-    """Replace (or append) this benchmark's section of docs/performance.md, keeping the rest."""
-    text = DOC.read_text() if DOC.exists() else "# Performance\n"
-    doc = text.splitlines()
-    section = [HEADING, "", *lines, ""]
-    if HEADING in doc:
-        start = doc.index(HEADING)
-        end = next((i for i in range(start + 1, len(doc)) if doc[i].startswith("## ")), len(doc))
-        doc[start:end] = section
-    else:
-        doc += ["", *section] if doc and doc[-1] else section
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(doc).rstrip("\n") + "\n")
-    tmp.replace(DOC)
 
 
 def main() -> int:
@@ -159,7 +144,7 @@ def main() -> int:
         "k-means, sampling without copying, and an index for assignment at build-dataset scale.",
     ]
     print("\n".join(lines))
-    write_section(lines)
+    write_section(DOC, HEADING, lines)
     print(f"\nwrote {DOC.relative_to(ROOT)}", file=sys.stderr)
     return 0 if agree else 1
 

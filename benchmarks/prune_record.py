@@ -50,6 +50,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import write_section  # noqa: E402
+
 HEADING = "## prune-data: recording overhead and scoring"
 GOAL_PCT = 3.0
 MIN_STEPS = 20
@@ -408,24 +410,6 @@ else 'not measured here (no GPU)'}. Scoring reads the epoch files in chunks, so 
 """
 
 
-def write_section(path: Path, body: str) -> None:
-    """Replace (or append) this benchmark's section, re-reading the file right before writing."""
-    from mmkit.io import atomic_write
-
-    section = f"{HEADING}\n\n{body.strip()}\n"
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Performance\n"
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == HEADING), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        after = "".join(lines[end:])
-        new = "".join(lines[:start]) + section + ("\n" + after if after else "")
-    with atomic_write(path) as fh:
-        fh.write(new)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (prints only)")
@@ -491,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick or args.no_write:
         print(body)
     else:
-        write_section(Path(args.out), body)
+        write_section(Path(args.out), HEADING, body)
         print(f"wrote the section {HEADING!r} of {args.out} ({minutes:.1f} min)")
     return 0
 

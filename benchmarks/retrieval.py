@@ -33,8 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # fixtures_models: the WordLevel tokenizer and Pil processors
 
-from benchmarks.cluster import write_section  # noqa: E402
-from benchmarks.embed import machine_info  # noqa: E402
+from benchmarks.common import machine_info, write_section  # noqa: E402
 
 PERF_DOC = ROOT / "docs" / "performance.md"
 HEADING = "## Retrieval: DCD student re-ranking"
