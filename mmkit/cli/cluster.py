@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from mmkit.cli.common import (ConfigOpt, DefaultCommandGroup, JsonOpt, OutOpt, OverwriteOpt, SeedOpt, SetOpt,
-                              print_results)
+                              finish)
 
 EXAMPLES = """
 Examples:
@@ -104,21 +104,13 @@ def run(
     from mmkit.config import load_config
 
     cfg = load_config(ClusterConfig, file=config, flags=flags, sets=set_ or [])
-    results = run_grouping(cfg, out, overwrite=overwrite, argv=sys.argv)
-    if results:
-        _render(results)
-        if json_:
-            print_results(results)
+    finish(run_grouping(cfg, out, overwrite=overwrite, argv=sys.argv), json_, _render)
 
 
 def _render(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mmkit.progress import is_quiet
-
-    if is_quiet():
-        return
     table = Table(title=f"{results['method']} groups (k = {results['metrics']['k_effective']})")
     for col in ("group", "size", "share"):
         table.add_column(col)
@@ -156,9 +148,7 @@ def order(
     from mmkit.cluster.grouping import OrderConfig, run_order
     from mmkit.config import load_config
 
-    results = run_order(load_config(OrderConfig, file=config, flags=flags, sets=set_ or []), out, overwrite)
-    if json_:
-        print_results(results)
+    finish(run_order(load_config(OrderConfig, file=config, flags=flags, sets=set_ or []), out, overwrite), json_)
 
 
 @app.command("train", help="SFT a causal LM on a grouped file with CommonIT batches, random batches, or both "
@@ -199,6 +189,4 @@ def train(
                       "train.log_every": logging_steps, "train.seed": seed})
     given = {k: v for k, v in flags.items() if v is not None}  # explicit flags override the preset
     cfg = load_config(SFTConfig, file=config, flags={**apply_preset(preset), **given}, sets=set_ or [])
-    results = run_sft(cfg, out, overwrite=overwrite)
-    if json_:
-        print_results(results)
+    finish(run_sft(cfg, out, overwrite=overwrite), json_)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Annotated, Any, Mapping, Optional
+from typing import Annotated, Any, Callable, Mapping, Optional
 
 import click
 import typer
@@ -33,3 +33,16 @@ class DefaultCommandGroup(TyperGroup):
 def print_results(results: Mapping[str, Any]) -> None:
     """``--json``: the results as one JSON document on stdout."""
     sys.stdout.write(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+
+
+def finish(results: Mapping[str, Any], json_: bool, render: Callable[[Mapping[str, Any]], None] | None = None) -> None:
+    """After a command: its summary on stderr (unless ``-q``), then ``results.json`` for ``--json``.
+    Empty results (a non-zero rank of a multi-process launch; rank 0 reports) print nothing."""
+    from mmkit.progress import is_quiet
+
+    if not results:
+        return
+    if render is not None and not is_quiet():
+        render(results)
+    if json_:
+        print_results(results)

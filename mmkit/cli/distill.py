@@ -9,7 +9,7 @@ from typing import Annotated, Any, Callable, Mapping, Optional, Sequence
 
 import typer
 
-from mmkit.cli.common import ConfigOpt, JsonOpt, OutOpt, OverwriteOpt, SeedOpt, SetOpt, print_results
+from mmkit.cli.common import ConfigOpt, JsonOpt, OutOpt, OverwriteOpt, SeedOpt, SetOpt, finish
 
 DCD_EXAMPLES = """
 Examples:
@@ -96,16 +96,14 @@ def _run(values: Mapping[str, Any], keys: Mapping[str, str], config_cls: type, r
     from rich.console import Console
 
     from mmkit.config import load_config
-    from mmkit.progress import is_quiet
 
-    cfg = load_config(config_cls, file=values["config"], flags=_flags(values, keys), sets=values["set_"] or [])
-    results = run(cfg, values["out"], overwrite=values["overwrite"])
-    if not is_quiet():
+    def summary(results: Mapping[str, Any]) -> None:
         console = Console(stderr=True)
         render(console, results["metrics"])
         console.print(f"results in {results['out']}")
-    if values["json_"]:
-        print_results(results)
+
+    cfg = load_config(config_cls, file=values["config"], flags=_flags(values, keys), sets=values["set_"] or [])
+    finish(run(cfg, values["out"], overwrite=values["overwrite"]), values["json_"], summary)
 
 
 def _table(title: str, columns: Sequence[str]) -> Any:
@@ -296,14 +294,9 @@ def build_cache(
         data = yaml.safe_load(Path(config).read_text(encoding="utf-8"))
         method = data.get("method", method) if isinstance(data, dict) else method
     builder = CACHE_BUILDERS.resolve(method, field="method")
-    from mmkit.progress import is_quiet
-
     results = builder(file=config, sets=set_ or [], flags=_flags(values, KEYS), out=out, overwrite=overwrite)
-    if not is_quiet():
-        typer.echo(f"teacher cache {results['metrics']['cache']} ({results['metrics']['examples']} examples); "
-                   f"results in {results['out']}", err=True)
-    if json_:
-        print_results(results)
+    finish(results, json_, lambda r: typer.echo(f"teacher cache {r['metrics']['cache']} ({r['metrics']['examples']} "
+                                                f"examples); results in {r['out']}", err=True))
 
 
 PESF_EXAMPLES = """

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from mmkit.cli.common import ConfigOpt, JsonOpt, OutOpt, OverwriteOpt, SeedOpt, SetOpt, print_results
+from mmkit.cli.common import ConfigOpt, JsonOpt, OutOpt, OverwriteOpt, SeedOpt, SetOpt, finish
 
 RETRIEVAL_EXAMPLES = """
 Examples:
@@ -89,10 +89,7 @@ def retrieval(
     from mmkit.evaluate.retrieval import RetrievalConfig, run
 
     cfg = load_config(RetrievalConfig, file=config, flags=flags, sets=set_ or [])
-    results = run(cfg, out, overwrite=overwrite)
-    _render(results)
-    if json_:
-        print_results(results)
+    finish(run(cfg, out, overwrite=overwrite), json_, _render)
 
 
 def _render(results: dict) -> None:
@@ -100,10 +97,6 @@ def _render(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mmkit.progress import is_quiet
-
-    if is_quiet():
-        return
     metrics, agg = results["metrics"], results.get("aggregate")
     columns = [("all" if results.get("protocol") != "1k" else "1k (fold mean)", metrics)]
     if "coco_1k" in metrics:
@@ -187,10 +180,7 @@ def representation(
     from mmkit.evaluate.representation import RepresentationConfig, run
 
     cfg = load_config(RepresentationConfig, file=config, flags=flags, sets=set_ or [])
-    results = run(cfg, out, overwrite=overwrite)
-    _render_representation(results)
-    if json_:
-        print_results(results)
+    finish(run(cfg, out, overwrite=overwrite), json_, _render_representation)
 
 
 def _render_representation(results: dict) -> None:
@@ -198,10 +188,6 @@ def _render_representation(results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mmkit.progress import is_quiet
-
-    if is_quiet():
-        return
     pairs = results["metrics"]["pairs"]
     names = list(results["config"]["metrics"])
     table = Table(title="representation similarity")

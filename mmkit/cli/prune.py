@@ -7,7 +7,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 
 from mmkit.cli.common import (ConfigOpt, DefaultCommandGroup, JsonOpt, OutOpt, OverwriteOpt, SeedOpt, SetOpt,
-                              print_results)
+                              finish)
 
 EXAMPLES = """
 Examples:
@@ -102,26 +102,19 @@ def _config(values: dict[str, Any], config: str | None, sets: list[str] | None):
     return load_config(PruneConfig, file=config, flags=flags, sets=sets or [])
 
 
-def _finish(results: dict, json_: bool) -> None:
+def _summary(results: dict) -> None:
     from rich.console import Console
 
-    from mmkit.progress import is_quiet
-
-    if not results:  # a non-zero rank of a multi-process launch: rank 0 reports
-        return
-    if not is_quiet():
-        m = results["metrics"]
-        line = ", ".join(f"{k} {m[k]:.4g}" if isinstance(m.get(k), float) else f"{k} {m[k]}"
-                         for k in ("method", "N", "n_keep", "keep", "nan_count") if k in m)
-        Console(stderr=True).print(f"[bold]prune-data[/bold] {line}")
-    if json_:
-        print_results(results)
+    m = results["metrics"]
+    line = ", ".join(f"{k} {m[k]:.4g}" if isinstance(m.get(k), float) else f"{k} {m[k]}"
+                     for k in ("method", "N", "n_keep", "keep", "nan_count") if k in m)
+    Console(stderr=True).print(f"[bold]prune-data[/bold] {line}")
 
 
 def _call(fn: Callable[..., dict], values: dict[str, Any], out: str | None, overwrite: bool, json_: bool,
           config: str | None, set_: list[str] | None) -> None:
     cfg = _config(values, config, set_)
-    _finish(fn(cfg, out, overwrite=overwrite), json_)
+    finish(fn(cfg, out, overwrite=overwrite), json_, _summary)
 
 
 @app.command("run", help="Train a proxy, record its dynamics, score, select and write the pruned dataset.",
@@ -257,6 +250,4 @@ def experiment(
              "jobs": jobs,
              **{k: v.split(",") for k, v in (("methods", methods), ("keeps", keeps), ("seeds", seeds)) if v}}
     cfg = load_config(ExperimentConfig, file=config, flags=flags, sets=set_ or [])
-    results = run_experiment(cfg, out, overwrite=overwrite)
-    if json_:
-        print_results(results)
+    finish(run_experiment(cfg, out, overwrite=overwrite), json_)
