@@ -11,6 +11,7 @@ Kinds live in :data:`ITM_SCORERS`, keyed by ``config.model_type``; plugins regis
 from __future__ import annotations
 
 import copy
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Literal, Sequence
 
@@ -62,7 +63,7 @@ def _set(obj: Any, path: str, value: Any) -> None:
     setattr(_get(obj, head) if head else obj, last, value)
 
 
-class ItmScorer:
+class ItmScorer(ABC):
     """One ITM model kind. Subclasses name the model's parts and reproduce its forward.
 
     ``layers_path`` is the fusion ``ModuleList``; ``copied_paths`` are the modules a student
@@ -120,9 +121,9 @@ class ItmScorer:
         walk(self.model)
         return out
 
+    @abstractmethod
     def set_num_layers(self, config: Any, n: int) -> None:
         """Write the fusion depth into a (copied) config."""
-        raise NotImplementedError
 
     def cut(self, layers: Sequence[int]) -> nn.Module:
         """A model of the same class with the fusion stack cut to ``layers`` (renumbered 0..s-1).
@@ -145,23 +146,23 @@ class ItmScorer:
 
     # ---------------------------------------------------------------- compute
 
+    @abstractmethod
     def encode_image(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> Encoded:
         """Frozen image part: ``(B, P, d)`` features and their mask."""
-        raise NotImplementedError
 
+    @abstractmethod
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Encoded:
         """Frozen text part: ``(B, L, d)`` features; the mask is ``attention_mask``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def fuse(self, img: torch.Tensor, txt: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor],
              layers: Sequence[int] | None = None) -> torch.Tensor:
         """Run fusion layers ``layers`` (all when ``None``) on aligned pairs; ``masks`` = (image,
         text). Returns the pooled output the head reads."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         """The head's matching score per pair, ``(B,)``."""
-        raise NotImplementedError
 
     def _layers(self, layers: Sequence[int] | None) -> list[nn.Module]:
         stack = self.fusion_layers
@@ -189,9 +190,9 @@ class ItmScorer:
 
     # ---------------------------------------------------------------- preprocessing
 
+    @abstractmethod
     def set_image_size(self, size: int) -> None:
         """Make the processor resize images to ``size`` (the reference's image size)."""
-        raise NotImplementedError
 
     def preprocess(self, images: Sequence[Any]) -> dict[str, torch.Tensor]:
         """PIL images -> the model's pixel inputs (``pixel_values`` and, for ViLT, ``pixel_mask``)."""

@@ -25,6 +25,7 @@ shortlist position. ``k="all"`` scores every pair.
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 import math
 from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
@@ -134,7 +135,7 @@ def _int_vector(values, name: str, source: str | None) -> torch.Tensor:
 # --------------------------------------------------------------------------- score sources
 
 
-class Scores:
+class Scores(ABC):
     """Similarity scores of images x captions, produced block by block.
 
     ``block(direction, rows, cols)`` returns a float32 tensor ``[len(rows), len(cols)]`` of the
@@ -146,12 +147,13 @@ class Scores:
     n_texts: int
     device: torch.device
 
+    @abstractmethod
     def block(self, direction: Direction, rows: slice, cols: slice) -> torch.Tensor:
-        raise NotImplementedError
+        """Scores of queries ``rows`` against gallery items ``cols``, float32."""
 
+    @abstractmethod
     def subset(self, images: torch.Tensor, texts: torch.Tensor) -> "Scores":
         """The scores among ``images`` x ``texts`` (global indices), renumbered from 0."""
-        raise NotImplementedError
 
     def sizes(self, direction: Direction) -> tuple[int, int]:
         """``(n_queries, n_gallery)``."""
