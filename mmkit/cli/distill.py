@@ -35,7 +35,8 @@ Int = Optional[int]
 Float = Optional[float]
 
 # Options several commands share.
-TaskOpt = Annotated[Str, typer.Option(help="GLUE name (sst2, mrpc, qqp, stsb, mnli, qnli, rte, cola, wnli) or a "
+TaskOpt = Annotated[Str, typer.Option(help="GLUE name (sst2, mrpc, qqp, stsb, mnli, qnli, rte, cola, wnli), "
+                                      "builtin:sharegpt-match (offline; evaluated on its test split) or a "
                                       "JSONL/CSV/parquet file with text, text_pair?, label.")]
 TextFieldOpt = Annotated[Str, typer.Option(help="Text field  [default: text]")]
 TextPairFieldOpt = Annotated[Str, typer.Option(help="Second-text field  [default: text_pair when present]")]
@@ -223,7 +224,8 @@ def bert_kd(
     student_layers: Annotated[Int, typer.Option(help="Student layers L_s (pretrained: keep the first N).")] = None,
     student_init: Annotated[Str, typer.Option(help="pretrained | teacher_layers | config  [default: pretrained]")] = None,
     task: TaskOpt = None,
-    eval_data: Annotated[Str, typer.Option(help="Evaluation set [default: the GLUE validation split; none for files]")] = None,
+    eval_data: Annotated[Str, typer.Option(help="Evaluation set [default: the GLUE validation split or a "
+                                                 "built-in task's test split; none for files]")] = None,
     text_field: TextFieldOpt = None,
     text_pair_field: TextPairFieldOpt = None,
     label_field: LabelFieldOpt = None,

@@ -218,17 +218,29 @@ def load_textcls(task: str, split: str = "train", *, fields: TaskFields | None =
 
 def load_task(d: DataConfig) -> tuple[TextClsSet, TextClsSet | None]:
     """The training split and the evaluation split (``--eval-data``, else the GLUE validation
-    split; ``None`` for a file task without ``--eval-data``), which follows the training labels."""
+    split or a built-in task's test split; ``None`` for a file task without ``--eval-data``),
+    which follows the training labels."""
     fields = TaskFields(d.text_field, d.text_pair_field, d.label_field)
     train_set = load_textcls(d.task, d.split, fields=fields, revision=d.revision, limit=d.max_examples)
-    eval_source = d.eval_task or (d.task if train_set.glue else None)
+    builtin = (d.task or "").startswith("builtin:")
+    eval_source = d.eval_task or (d.task if train_set.glue else _builtin_name(d.task) if builtin else None)
     if eval_source is None:
         return train_set, None
-    eval_split = d.eval_split or (train_set.glue.eval_split if train_set.glue and not d.eval_task else "train")
+    if d.eval_split:
+        eval_split = d.eval_split
+    elif train_set.glue and not d.eval_task:
+        eval_split = train_set.glue.eval_split
+    else:  # a built-in task's held-out split; a file's only one
+        eval_split = "test" if eval_source.startswith("builtin:") else "train"
     eval_set = load_textcls(eval_source, eval_split, fields=fields, revision=d.revision,
                             label_names=train_set.label_names, regression=train_set.regression,
                             limit=d.max_eval_examples)
     return train_set, eval_set
+
+
+def _builtin_name(task: str) -> str:
+    """``builtin:<name>[:<split>]`` -> ``builtin:<name>`` (the evaluation split is chosen apart)."""
+    return ":".join(task.split(":")[:2])
 
 
 def _text(rec: Any, name: str) -> str:
