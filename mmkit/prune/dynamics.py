@@ -43,7 +43,6 @@ class DynamicsSource(Protocol):
 
     def read(self, channel: str, start: int, stop: int) -> np.ndarray:
         """``float32 [K, stop - start]`` of ``channel`` for samples ``start..stop-1`` (NaN = unseen)."""
-        ...
 
 
 class ArrayDynamics:
