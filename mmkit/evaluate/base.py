@@ -1,0 +1,58 @@
+"""The contract between generation benchmarks, backends and the evaluation runner (evaluate.md §1-2).
+
+A generation benchmark (``needs = "generate"``) implements::
+
+    config_class: type[EvalConfig]          # its dataclass: EvalConfig plus its own fields
+    flags: dict[str, str]                   # extra CLI flags -> config field, e.g. {"--parse-rule": "parse_rule"}
+    max_new_tokens: int                     # default generation budget
+    load(cfg) -> Loaded                     # read and check --data (DataError naming file/line/field)
+    prompt(data, cfg) -> list[Request]      # one request per answer the model must give
+    parse(text, request) -> Any             # the ``parsed`` convenience copy (JSON-able)
+    score(data, answers, cfg) -> dict       # answers: uid -> prediction line; returns
+                                            # {"metrics", "per_category", "anomalies"?, "warnings"?}
+
+and optionally ``uid_of(line, data) -> str | None`` (how a predictions-file line names its
+request when it gives no ``uid``) and ``score_direct(data, cfg) -> dict | None`` (routes that
+need no generation, e.g. SNARE's cosine/ITM scores or MMT's ``--hyp/--ref``; ``None`` = use the
+generation route). The runner (``mmkit.evaluate.run``) owns predictions.jsonl, resume,
+``config_hash``, results.json and the backends; benchmarks never touch files other than their data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from mmkit.core.backends import BackendConfig, GenerationSettings, Request
+
+__all__ = ["BackendConfig", "EvalConfig", "GenerationSettings", "Loaded", "Request"]
+
+
+@dataclass
+class EvalConfig:
+    """Options every generation benchmark shares (evaluate.md §8 "Common options")."""
+
+    data: Optional[str] = None
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    predictions: Optional[str] = None
+    allow_missing: bool = False
+    ignore_extra: bool = False
+    dump_requests: Optional[str] = None
+    limit: Optional[int] = None
+    strict: bool = False
+    seed: int = 0
+
+
+@dataclass
+class Loaded:
+    """A benchmark's checked data: its records, the data provenance and loading anomalies."""
+
+    records: list[Any]
+    path: str
+    sha256: str
+    anomalies: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.records)
