@@ -23,6 +23,8 @@ SUBCOMMANDS: list[tuple[str, str]] = [
     ("prune-data", "mmkit.cli.prune:app"),
     ("cluster-instructions", "mmkit.cli.cluster:app"),
     ("evaluate", "mmkit.cli.evaluate:app"),
+    ("build-dataset", "mmkit.cli.build:app"),
+    ("unlearn", "mmkit.cli.unlearn:app"),
 ]
 
 

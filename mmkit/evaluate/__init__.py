@@ -38,6 +38,12 @@ class Benchmark(Protocol):
 BENCHMARKS: Registry = Registry("benchmark")
 BENCHMARKS.register("retrieval", "mmkit.evaluate.retrieval:BENCHMARK")
 BENCHMARKS.register("representation", "mmkit.evaluate.representation:BENCHMARK")
+BENCHMARKS.register("mmr", "mmkit.evaluate.mmr:BENCHMARK")
+BENCHMARKS.register("realbench", "mmkit.evaluate.realbench:BENCHMARK")
+BENCHMARKS.register("snare", "mmkit.evaluate.snare:BENCHMARK")
+BENCHMARKS.register("mmt", "mmkit.evaluate.mmt:BENCHMARK")
+BENCHMARKS.register("chair", "mmkit.evaluate.hallucination:CHAIR")
+BENCHMARKS.register("pope", "mmkit.evaluate.hallucination:POPE")
 
 
 def get_benchmark(name: str) -> Benchmark:
