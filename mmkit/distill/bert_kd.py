@@ -255,6 +255,13 @@ class QkvCapture:
         values, self.values = self.values, {}
         return values
 
+    def remove(self) -> None:
+        """Detach the hooks, leaving the model as it was."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+        self.values.clear()
+
 
 def attention_probs(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor, heads: int) -> torch.Tensor:
     """BERT's post-softmax maps [B, H, L, L] from query/key projections [B, L, d]:
@@ -367,6 +374,11 @@ class TeacherTargets:
         self.targets += [Target(f"tok.h.L{m}", "token", cfg.hidden_size, dtype) for m in self.hidden_layers]
         self.targets += [Target(f"tok.{p}.L{m}", "token", cfg.hidden_size, dtype)
                          for m in self.att_layers for p in self.parts]
+
+    def close(self) -> None:
+        """Detach the teacher hooks (after training; the teacher is then evaluated hook-free)."""
+        if self.capture is not None:
+            self.capture.remove()
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """Targets for a training batch (the teacher's own inputs under ``prefix``)."""
@@ -768,16 +780,21 @@ def run(cfg: BertKdConfig, out: str | None = None, overwrite: bool = False) -> d
 def distil(cfg: BertKdConfig, setup: Setup, run_dir: RunDir) -> dict[str, Any]:
     """Train the student (resumable), save ``checkpoint/`` and the projection heads, evaluate."""
     m, plan_ = setup.models, setup.plan
-    source, cache_status, _ = teacher_source(cfg, setup)
+    source, cache_status, live = teacher_source(cfg, setup)
     qkv = [j for j, _ in plan_.att_pairs] if plan_.att_mode == "relation" else []
     n_proj = (1 if cfg.loss.hidden.shared_projection else len(plan_.hidden_pairs)) if plan_.weights["hid"] else 0
     module = KdStudent(m.student, m.student.config.hidden_size, m.teacher.config.hidden_size, n_proj, qkv)
     step = BertKdStep(plan_, source, m.teacher)
     extra = {} if setup.shared_tokens else {"teacher_": setup.t_train}
     record = {"method": "bert-kd", "teacher": m.records["teacher"], "layer_map": setup.layer_map, "cca_term": CCA_TERM}
-    result = train(module, step, textcls.Indices(len(setup.train_set)), cfg.train, run_dir.path,
-                   collate_fn=textcls.Collate(setup.s_train, setup.train_set.labels, extra),
-                   callbacks=[step], save_fn=saver(m.student_tokenizer, record), final_dir="checkpoint")
+    try:
+        result = train(module, step, textcls.Indices(len(setup.train_set)), cfg.train, run_dir.path,
+                       collate_fn=textcls.Collate(setup.s_train, setup.train_set.labels, extra),
+                       callbacks=[step], save_fn=saver(m.student_tokenizer, record), final_dir="checkpoint")
+    finally:  # the hooks must not outlive the run (repeated runs in one process would pile them up)
+        live.close()
+        if module.capture is not None:
+            module.capture.remove()
     _save_heads(module, run_dir / HEADS_FILE)
     module.eval()
     stats = step.stats
@@ -806,6 +823,7 @@ def build_cache(file: str | None = None, sets: Sequence[str] = (), flags: Mappin
     with run_dir.guard():
         setup = prepare(cfg, None)
         _, status, live = teacher_source(cfg, setup)
+        live.close()
         if status.startswith("disabled"):
             raise ConfigError(f"the teacher cache cannot be used: {status[len('disabled: '):]}", field="cache")
         metrics = {"cache": status, "examples": len(setup.train_set), "targets": [t.name for t in live.targets]}

@@ -157,6 +157,21 @@ def test_relation_attention_runs_for_different_head_counts(teacher, task, studen
     assert all(p.grad is None for p in setup.models.teacher.parameters())
 
 
+
+def test_closing_the_live_teacher_detaches_its_hooks(teacher, task, student):
+    cfg = make_config(teacher, task, student)
+    setup = bert_kd.prepare(cfg, None)
+    model = setup.models.teacher
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) for m in model.modules())
+
+    before = hooks()
+    live = bert_kd.TeacherTargets(model, setup.plan)
+    assert hooks() == before + 3 * len(live.att_layers)  # relation: q, k, v of each mapped layer
+    live.close()
+    assert hooks() == before and live.capture.values == {}
+
 def test_cca_term_is_skipped_when_a_batch_has_too_few_tokens(teacher, task, student):
     cfg = make_config(teacher, task, student, **{"loss.cca.min_ratio": 1000})
     setup = bert_kd.prepare(cfg, None)

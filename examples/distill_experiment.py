@@ -1,0 +1,117 @@
+"""The bert-kd experiment of docs/distill.md ("Experiment"), offline, on the CPU.
+
+On ``builtin:sharegpt-match`` (2,000 train / 500 test ShareGPT question/answer pairs):
+
+1. T6: all-MiniLM-L6-v2 (``bundled:minilm``) fine-tuned as a classifier (bert-kd fine-tunes a
+   teacher without a head first; its ``teacher_finetune/model`` is reused by every later run);
+2. T3: the first 3 layers of MiniLM fine-tuned with CE alone (a bert-kd run with every KD weight 0);
+3. 2-layer students, all initialised from the first 2 layers of MiniLM, for each seed:
+   ``ce`` (no KD), ``kd-t6`` / ``kd-cca-t6`` (KD without / with the CCA term, teacher T6),
+   ``kd-t3`` / ``kd-cca-t3`` (the same from T3) and ``pesf-t6`` (PESF-KD from T6).
+
+Every run is an ``mmkit distill`` command line (printed before it starts) with its own run folder
+under OUT; a rerun resumes finished runs for free. The summary (accuracy mean +- sample std over
+seeds, CCA/CKA of the mapped layers before and after) goes to OUT/summary.json and
+OUT/summary.md; the CCA heatmaps of the seed-0 runs are in each run folder.
+
+    python examples/distill_experiment.py [--out runs/distill-exp] [--seeds 0,1,2] [--epochs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+MMKIT = [sys.executable, "-m", "mmkit"]
+TASK = ["--task", "builtin:sharegpt-match", "--eval-data", "builtin:sharegpt-match:test"]
+KD_OFF = ["--set", "loss.kd.weight=0", "--set", "loss.hidden.weight=0", "--set", "loss.attention.weight=0",
+          "--set", "loss.cca.weight=0", "--set", "loss.ce.weight=1"]
+NO_CCA = ["--set", "loss.cca.weight=0"]
+STUDENTS = {  # name -> (teacher, extra flags); None teacher = the method needs no teacher targets
+    "ce": ("t6", KD_OFF),
+    "kd-t6": ("t6", NO_CCA),
+    "kd-cca-t6": ("t6", []),
+    "kd-t3": ("t3", NO_CCA),
+    "kd-cca-t3": ("t3", []),
+    "pesf-t6": ("t6", None),
+}
+
+
+def run(cmd: list[str], out: Path) -> dict:
+    """Run one mmkit command (resuming when its results exist) and return its results.json."""
+    results = out / "results.json"
+    if not results.is_file():
+        print("+", shlex.join(["mmkit", *cmd]), flush=True)
+        subprocess.run([*MMKIT, "-q", *cmd, "--out", str(out)], check=True)
+    return json.loads(results.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/distill-exp")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-len", type=int, default=96)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    args = parser.parse_args()
+    out, seeds = Path(args.out), [int(s) for s in args.seeds.split(",")]
+    common = [*TASK, "--max-len", str(args.max_len), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+              "--epochs", str(args.epochs)]
+    diag = ["--set", "diagnostic.metrics=[cca,cka]", "--set", "diagnostic.max_examples=500"]
+    student = ["--student", "bundled:minilm", "--student-layers"]
+
+    # 1. T6 (fine-tuned by the first bert-kd run) and 2. T3 (CE on MiniLM's first 3 layers).
+    t6_run = run(["distill", "bert-kd", "--teacher", "bundled:minilm", *student, "3", *common, *KD_OFF,
+                  "--set", "teacher.finetune=true", "--set", f"teacher.train.epochs={args.epochs}",
+                  "--set", f"teacher.train.lr={args.lr}", "--set", f"teacher.train.batch_size={args.batch_size}",
+                  "--set", "diagnostic.enabled=false", "--seed", "0"], out / "t3")
+    teachers = {"t6": str(out / "t3" / "teacher_finetune" / "model"), "t3": str(out / "t3" / "checkpoint")}
+    acc = {"t6": t6_run["metrics"]["teacher"]["accuracy"], "t3": t6_run["metrics"]["student"]["accuracy"]}
+
+    # 3. the students.
+    rows: dict[str, list[dict]] = {}
+    for name, (teacher, extra) in STUDENTS.items():
+        for seed in seeds:
+            base = ["--teacher", teachers[teacher], *student, "2", *common, "--seed", str(seed)]
+            if extra is None:
+                cmd = ["distill", "pesf", *base]
+            else:
+                cmd = ["distill", "bert-kd", *base, *extra, *diag]
+            rows.setdefault(name, []).append(run(cmd, out / f"{name}-s{seed}"))
+
+    summary = {"teachers": {k: {"path": v, "accuracy": acc[k]} for k, v in teachers.items()},
+               "seeds": seeds, "args": vars(args), "students": {}}
+    for name, results in rows.items():
+        accs = [r["metrics"]["student"]["accuracy"] for r in results]
+        entry = {"accuracy": accs, "mean": statistics.mean(accs),
+                 "std": statistics.stdev(accs) if len(accs) > 1 else None}
+        for when in ("before", "after"):
+            key = f"cca_mapped_mean_{when}"
+            if key in results[0]["metrics"]:
+                entry[key] = {m: statistics.mean(r["metrics"][key][m] for r in results)
+                              for m in results[0]["metrics"][key]}
+        summary["students"][name] = entry
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    lines = ["| student (2 layers) | teacher | accuracy % (mean +- std) | CCA mapped before -> after | CKA mapped before -> after |",
+             "|---|---|---|---|---|"]
+    for name, e in summary["students"].items():
+        teacher = STUDENTS[name][0].upper()
+        cca = cka = "-"
+        if "cca_mapped_mean_after" in e:
+            b, a = e["cca_mapped_mean_before"], e["cca_mapped_mean_after"]
+            cca, cka = f"{b['cca']:.3f} -> {a['cca']:.3f}", f"{b['cka']:.3f} -> {a['cka']:.3f}"
+        std = f"{e['std']:.2f}" if e["std"] is not None else "n/a"
+        lines.append(f"| {name} | {teacher if name != 'ce' else '(none)'} | {e['mean']:.2f} +- {std} | {cca} | {cka} |")
+    lines.append(f"\nTeachers: T6 {acc['t6']:.2f}%, T3 {acc['t3']:.2f}% (test accuracy).")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
