@@ -14,7 +14,7 @@ under OUT; a rerun resumes finished runs for free. The summary (accuracy mean +-
 seeds, CCA/CKA of the mapped layers before and after) goes to OUT/summary.json and
 OUT/summary.md; the CCA heatmaps of the seed-0 runs are in each run folder.
 
-    python examples/distill_experiment.py [--out runs/distill-exp] [--seeds 0,1,2] [--epochs 3]
+    python examples/distill_experiment.py [--out runs/distill-exp] [--seeds 0,1,2] [--epochs 3] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 MMKIT = [sys.executable, "-m", "mmkit"]
@@ -59,6 +60,7 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=96)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--jobs", type=int, default=1, help="student runs at a time")
     args = parser.parse_args()
     out, seeds = Path(args.out), [int(s) for s in args.seeds.split(",")]
     common = [*TASK, "--max-len", str(args.max_len), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
@@ -75,15 +77,15 @@ def main() -> None:
     acc = {"t6": t6_run["metrics"]["teacher"]["accuracy"], "t3": t6_run["metrics"]["student"]["accuracy"]}
 
     # 3. the students.
-    rows: dict[str, list[dict]] = {}
+    jobs = {}
     for name, (teacher, extra) in STUDENTS.items():
         for seed in seeds:
             base = ["--teacher", teachers[teacher], *student, "2", *common, "--seed", str(seed)]
-            if extra is None:
-                cmd = ["distill", "pesf", *base]
-            else:
-                cmd = ["distill", "bert-kd", *base, *extra, *diag]
-            rows.setdefault(name, []).append(run(cmd, out / f"{name}-s{seed}"))
+            method = ["distill", "pesf"] if extra is None else ["distill", "bert-kd", *extra, *diag]
+            jobs[name, seed] = ([*method, *base], out / f"{name}-s{seed}")
+    with ThreadPoolExecutor(args.jobs) as pool:
+        done = dict(zip(jobs, pool.map(lambda job: run(*job), jobs.values())))
+    rows = {name: [done[name, seed] for seed in seeds] for name in STUDENTS}
 
     summary = {"teachers": {k: {"path": v, "accuracy": acc[k]} for k, v in teachers.items()},
                "seeds": seeds, "args": vars(args), "students": {}}

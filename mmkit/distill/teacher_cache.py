@@ -14,6 +14,7 @@ per shard; caches that fit ``ram_gb`` are loaded into RAM instead.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,7 +23,12 @@ import struct
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock, builds are not shared between runs
+    fcntl = None
 
 import numpy as np
 
@@ -176,13 +182,31 @@ def open_cache(method: str, settings: CacheConfig, targets: Sequence[Target], le
     status = "hit"
     if not cache.complete:
         rank, world, barrier = _processes()
-        cache.build(lengths, compute, batch_size=settings.batch_size, shard_examples=settings.shard_examples,
-                    rank=rank, world=world, barrier=barrier)
-        status = "built"
+        with _build_lock(cache.dir, world):
+            if not cache.complete:  # another run may have built it while this one waited
+                cache.build(lengths, compute, batch_size=settings.batch_size, shard_examples=settings.shard_examples,
+                            rank=rank, world=world, barrier=barrier)
+                status = "built"
     if settings.verify:
         cache.verify()
     log.info("teacher cache %s: %s", status, cache.dir)
     return cache.open(settings.ram_gb), status
+
+
+@contextlib.contextmanager
+def _build_lock(folder: Path, world: int) -> Iterator[None]:
+    """Serialise builds of one cache by independent runs on this machine (an exclusive ``flock``
+    on ``<folder>.lock``); the processes of one ``accelerate launch`` share the work instead."""
+    if world > 1 or fcntl is None:
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _processes() -> tuple[int, int, Callable[[], None] | None]:

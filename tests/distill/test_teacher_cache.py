@@ -149,6 +149,32 @@ def test_open_cache_builds_once_then_hits_and_keys_only_a_used_cache(tmp_path):
         open_cache("m", CacheConfig(mode="on", dir=str(tmp_path)), TARGETS, LENGTHS, teacher, key_parts, frozen=False)
 
 
+
+def test_two_runs_opening_the_same_cache_at_once_build_it_once(tmp_path):
+    import threading
+    import time
+
+    class SlowTeacher(FakeTeacher):
+        def __call__(self, rows):
+            time.sleep(0.05)  # keep the first build going while the second run arrives
+            return super().__call__(rows)
+
+    teacher = SlowTeacher()
+    settings = CacheConfig(mode="on", dir=str(tmp_path), batch_size=2)
+    statuses = []
+
+    def one_run():
+        reader, status = open_cache("m", settings, TARGETS, LENGTHS, teacher, lambda: {"teacher": "fake"}, frozen=True)
+        statuses.append((status, reader.get([6])["logits"].tolist()))
+
+    runs = [threading.Thread(target=one_run) for _ in range(2)]
+    for r in runs:
+        r.start()
+    for r in runs:
+        r.join()
+    assert teacher.examples == len(LENGTHS)  # one build, not two
+    assert sorted(statuses) == [("built", [[6.0, -6.0]]), ("hit", [[6.0, -6.0]])]
+
 @pytest.mark.parametrize("yaml_mode, mode", [("off", "off"), ("on", "on"), ("auto", "auto")])
 def test_cache_config_reads_yamls_bare_on_and_off(tmp_path, yaml_mode, mode):
     from mmkit.config import load_config
