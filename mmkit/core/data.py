@@ -150,7 +150,8 @@ def load_image(image: Any, root: str | os.PathLike | None = None):
     """Open an image as an RGB ``PIL.Image``.
 
     Accepts a PIL image, a path (relative paths are taken under ``root``), raw bytes, or a
-    ``datasets`` image dict (``{"bytes": ..., "path": ...}``). A missing or unreadable file
+    ``datasets`` image dict (``{"bytes": ..., "path": ...}``, plus an optional ``"bbox": [x, y, w, h]``
+    crop). A missing or unreadable file
     is a :class:`DataError` naming the file; URLs are refused (mmkit never downloads data
     implicitly: download the images and pass the local paths or ``--image-root``).
     """
@@ -159,6 +160,9 @@ def load_image(image: Any, root: str | os.PathLike | None = None):
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, dict):
+        if image.get("bbox") is not None:  # {"path", "bbox": [x, y, w, h]}: a crop (evaluate.md §2.4)
+            x, y, w, h = image["bbox"]
+            return load_image({k: v for k, v in image.items() if k != "bbox"}, root).crop((x, y, x + w, y + h))
         if image.get("bytes"):
             return _open(io.BytesIO(image["bytes"]), str(image.get("path") or "<image bytes>"))
         if image.get("path"):
@@ -196,3 +200,33 @@ def _open(buf: io.BytesIO, name: str):
         raise DataError(f"cannot decode the image: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}",
                         file=name, field="image") from exc
     return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def tile_images(images: Sequence[Any], tile_size: int = 448):
+    """One grid image for a single-image model (evaluate.md §2.4): ``cols = ceil(sqrt(n))``,
+    ``rows = ceil(n / cols)``; each image letterboxed (aspect kept, white background) into a
+    ``tile_size`` square, its 1-based index drawn top-left in white on a black box (PIL's default
+    font). Sub-images are numbered left to right, top to bottom. ``images``: paths or PIL images."""
+    import math
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    if not images:
+        raise MmkitError("nothing to tile: no images", field="images")
+    if tile_size < 1:
+        raise MmkitError(f"tile size must be >= 1, got {tile_size}", field="tile_size")
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * tile_size, rows * tile_size), "white")
+    draw = ImageDraw.Draw(grid)
+    font = ImageFont.load_default()
+    for i, image in enumerate(images):
+        img = load_image(image)
+        scale = tile_size / max(img.size)
+        w, h = max(1, round(img.width * scale)), max(1, round(img.height * scale))
+        x0, y0 = (i % cols) * tile_size, (i // cols) * tile_size
+        grid.paste(img.resize((w, h), Image.Resampling.BICUBIC), (x0 + (tile_size - w) // 2, y0 + (tile_size - h) // 2))
+        left, top, right, bottom = draw.textbbox((x0 + 2, y0 + 2), str(i + 1), font=font)
+        draw.rectangle((x0, y0, right + 2, bottom + 2), fill="black")
+        draw.text((x0 + 2, y0 + 2), str(i + 1), fill="white", font=font)
+    return grid

@@ -11,10 +11,23 @@ A generation benchmark (``needs = "generate"``) implements::
     score(data, answers, cfg) -> dict       # answers: uid -> prediction line; returns
                                             # {"metrics", "per_category", "anomalies"?, "warnings"?}
 
-and optionally ``uid_of(line, data) -> str | None`` (how a predictions-file line names its
-request when it gives no ``uid``) and ``score_direct(data, cfg) -> dict | None`` (routes that
-need no generation, e.g. SNARE's cosine/ITM scores or MMT's ``--hyp/--ref``; ``None`` = use the
-generation route). The runner (``mmkit.evaluate.run``) owns predictions.jsonl, resume,
+and optionally:
+
+- ``uid_of(line, data) -> str | None``: how a predictions-file line names its request when it gives
+  no ``uid`` (``data`` is the whole data set, not cut by ``--limit`` or ``unfiltered`` fields);
+- ``unfiltered: dict``: config values that select every record (RealBench ``{"tasks": []}``); the
+  predictions route loads the data with them (and no ``--limit``) so that lines of records left
+  out by those options are ignored rather than reported as extra;
+- ``generation_defaults: dict``: the benchmark's decoding where the user set none
+  (``GenerationSettings`` fields left None, e.g. CHAIR's ``{"num_beams": 5, "length_penalty": 0.0}``);
+- ``score_direct(data, cfg) -> dict | None``: routes that need no generation (SNARE's cosine/ITM
+  scores, MMT's ``--hyp/--ref``; ``None`` = use the generation route); its ``predictions`` entry (a
+  list of ``{"uid", ...}`` lines) goes to predictions.jsonl, so every route leaves per-sample logs;
+- ``per_sample_file: str``: where the runner writes ``score(...)["per_sample"]`` rows (CHAIR's
+  ``chair_per_caption.jsonl``).
+
+A benchmark with several scoring routes records the one in use as ``data.route`` (part of
+``config_hash``). The runner (``mmkit.evaluate.run``) owns predictions.jsonl, resume,
 ``config_hash``, results.json and the backends; benchmarks never touch files other than their data.
 """
 

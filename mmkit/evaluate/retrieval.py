@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import logging
 import platform
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import numpy as np
-
 from mmkit.config import config_dict
 from mmkit.errors import ConfigError, MmkitError
+from mmkit.evaluate.aggregate import aggregate, metric_means, model_slug, run_entry
 from mmkit.io import RunDir, default_out, fingerprint, start_run, write_jsonl, write_results
 
 log = logging.getLogger("mmkit")
@@ -400,11 +398,6 @@ def _environment(scores: Any) -> dict[str, Any]:
             "transformers": transformers.__version__, "device": str(scores.device)}
 
 
-def model_slug(model_id: str) -> str:
-    """A model's sub-folder name: ``/`` -> ``__``, other characters outside ``[A-Za-z0-9._-]`` -> ``-``."""
-    return re.sub(r"[^A-Za-z0-9._-]", "-", model_id.replace("/", "__"))
-
-
 def _run_many(cfg: RetrievalConfig, out: str, overwrite: bool) -> dict[str, Any]:
     slugs = [model_slug(m) for m in cfg.model]
     if len(set(slugs)) != len(slugs):
@@ -421,46 +414,9 @@ def _run_many(cfg: RetrievalConfig, out: str, overwrite: bool) -> dict[str, Any]
         first = per_model[0][1]
         return write_results(
             top, method="retrieval", config=config_dict(cfg), seed=cfg.seed,
-            metrics=_means(stats), models={slug: r["models"]["model"] for slug, r in per_model},
+            metrics=metric_means(stats), models={slug: r["models"]["model"] for slug, r in per_model},
             data=first["data"], benchmark_version=BENCHMARK_VERSION, complete=True,
             protocol=cfg.resolved_protocol, dataset=cfg.dataset, counts=first["counts"],
-            aggregate=stats, runs=[{"model": r["models"]["model"]["id"], "revision": r["models"]["model"]["revision"],
-                                    "seed": r["seed"], "dir": slug} for slug, r in per_model],
+            aggregate=stats, runs=[run_entry(r, slug) for slug, r in per_model],
             environment=first["environment"], anomalies=[], warnings=[w for _, r in per_model for w in r["warnings"]],
             out=str(top.path))
-
-
-def _flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    """Numeric metrics with nested blocks as dotted keys (``coco_1k.rsum``); per-fold lists left out."""
-    out: dict[str, float] = {}
-    for key, value in metrics.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            out[f"{prefix}{key}"] = float(value)
-    return out
-
-
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per numeric metric over runs: ``n``, ``mean``, sample ``std`` (ddof 1; None when n < 2), ``min``, ``max``."""
-    flat = [_flat(m) for m in runs]
-    keys = list(dict.fromkeys(k for f in flat for k in f))
-    out = {}
-    for key in keys:
-        values = np.array([f[key] for f in flat if key in f], dtype=np.float64)
-        out[key] = {"n": len(values), "mean": float(values.mean()),
-                    "std": float(values.std(ddof=1)) if len(values) >= 2 else None,
-                    "min": float(values.min()), "max": float(values.max())}
-    return out
-
-
-def _means(stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The aggregate's means as a metrics block (dotted keys nested again)."""
-    out: dict[str, Any] = {}
-    for key, s in stats.items():
-        *parents, last = key.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = s["mean"]
-    return out

@@ -140,3 +140,22 @@ def test_load_image_refuses_urls_and_bad_types():
     assert "https://example.com/cat.jpg" in str(err.value)
     with pytest.raises(DataError, match="expected an image path"):
         load_image(42)
+
+
+def test_tile_images_seven_images_make_a_3x3_grid_numbered_row_by_row():
+    """evaluate.md §2.4: cols = ceil(sqrt(7)) = 3, rows = ceil(7 / 3) = 3; letterboxed on white."""
+    from PIL import Image
+
+    from mmkit.core.data import tile_images
+
+    images = [Image.new("RGB", (40, 20), (0, 200, 0)) for _ in range(7)]  # wide: 64 x 32 inside a 64 tile
+    grid = tile_images(images, tile_size=64)
+    assert grid.size == (3 * 64, 3 * 64)
+    assert grid.getpixel((0, 0)) == (0, 0, 0)                # the index box, top-left of tile 1
+    assert grid.getpixel((32, 8)) == (255, 255, 255)         # letterbox band above the image
+    assert grid.getpixel((32, 32)) == (0, 200, 0)            # the image in the middle of tile 1
+    assert grid.getpixel((2 * 64 + 32, 64 + 32)) == (0, 200, 0)  # tile 6 (row 2, col 3)
+    assert grid.getpixel((64 + 32, 2 * 64 + 32)) == (255, 255, 255)  # tile 8 is empty (7 images)
+    assert grid.getpixel((64 + 1, 2 * 64 + 1)) == (255, 255, 255)    # and has no index box
+    with pytest.raises(MmkitError, match="no images"):
+        tile_images([])
