@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -123,3 +124,40 @@ def test_eval_images_give_before_and_after(tiny_llava, samples_file, images, tmp
     assert {"chair_i", "chair_s", "bleu1", "mean_words"} <= set(ev["before"]) and "pope" not in ev["before"]
     assert (out / "eval" / "before" / "chair" / "predictions.jsonl").is_file()
     assert (out / "eval" / "after" / "chair" / "predictions.jsonl").is_file()
+
+
+class Killed(Exception):
+    """Simulates a kill right after a checkpoint is written."""
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_connector(tiny_llava, samples_file, tmp_path, monkeypatch):
+    from mmkit.unlearn.efuf import EfufCallback
+
+    args = ["efuf", "--model", tiny_llava, "--samples", samples_file, "--device", "cpu", "--epochs", "2",
+            "--no-safeguards", "--seed", "3"]
+    straight = invoke(*args, "--out", str(tmp_path / "a"), "--json")
+    assert straight.exit_code == 0, straight.output
+    save = EfufCallback.on_save
+
+    def kill_at_2(self, state, checkpoint):
+        save(self, state, checkpoint)
+        if state.step == 2:
+            raise Killed
+
+    monkeypatch.setattr(EfufCallback, "on_save", kill_at_2)
+    killed = invoke(*args, "--out", str(tmp_path / "b"))
+    assert isinstance(killed.exception, Killed) and not (tmp_path / "b" / "results.json").exists()
+    monkeypatch.setattr(EfufCallback, "on_save", save)
+    steps, step_end = [], EfufCallback.on_step_end
+    monkeypatch.setattr(EfufCallback, "on_step_end", lambda self, state, logs: (steps.append(state.step),
+                                                                               step_end(self, state, logs)))
+    resumed = invoke(*args, "--out", str(tmp_path / "b"), "--json")
+    assert resumed.exit_code == 0, resumed.output
+    assert steps == [3, 4]  # resumed after the checkpoint of step 2, not restarted
+    a, b = json.loads(straight.stdout), json.loads(resumed.stdout)
+    assert a["metrics"]["steps"] == b["metrics"]["steps"] == 4
+    assert [h["step"] for h in b["loss_history"]] == [1, 2, 3, 4]
+    for key in ("l_pos", "l_neg", "l_sent"):
+        assert [h[key] for h in b["loss_history"]] == pytest.approx([h[key] for h in a["loss_history"]], rel=1e-5)
+    ta, tb = load_file(str(tmp_path / "a" / "connector.safetensors")), load_file(str(tmp_path / "b" / "connector.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.allclose(ta[k], tb[k], atol=1e-6) for k in ta)
