@@ -263,13 +263,13 @@ class BenchmarkCommand(TyperCommand):
 def benchmark_epilog(name: str) -> str:
     """The help epilog of ``name``: each of its own flags with the config key and default, then examples."""
     from mmkit.evaluate import get_benchmark
+    from mmkit.evaluate.base import option_default
 
     lines = [f"{name} options (besides the common ones above; also settable as config keys):"]
     try:
         bench = get_benchmark(name)
-        fields = {f.name: f for f in dataclasses.fields(bench.config_class)}
         for flag, key in bench.flags.items():
-            default = fields[key].default
+            default = option_default(bench, key)
             shown = "see docs" if default is dataclasses.MISSING else default
             lines.append(f"  {flag} VALUE   (config key {key}; default: {shown})")
     except (MmkitError, ImportError) as exc:

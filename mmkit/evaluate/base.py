@@ -33,12 +33,13 @@ A benchmark with several scoring routes records the one in use as ``data.route``
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mmkit.core.backends import BackendConfig, GenerationSettings, Request
 
-__all__ = ["BackendConfig", "EvalConfig", "GenerationSettings", "Loaded", "Request"]
+__all__ = ["BackendConfig", "EvalConfig", "GenerationSettings", "Loaded", "Request", "option_default"]
 
 
 @dataclass
@@ -69,3 +70,13 @@ class Loaded:
     @property
     def n(self) -> int:
         return len(self.records)
+
+
+def option_default(bench: Any, key: str) -> Any:
+    """The default of a benchmark's config key as a run uses it (for ``--help``): a ``generation.*``
+    key takes the benchmark's ``generation_defaults`` entry before :class:`GenerationSettings`'
+    own; ``dataclasses.MISSING`` when the field has only a default factory."""
+    section, _, name = key.partition(".")
+    if section == "generation" and name:
+        return getattr(bench, "generation_defaults", {}).get(name, getattr(GenerationSettings(), name))
+    return {f.name: f for f in dataclasses.fields(bench.config_class)}[key].default

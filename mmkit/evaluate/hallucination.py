@@ -255,8 +255,6 @@ class ChairConfig(EvalConfig):
     vocab: Optional[str] = None  # a synonym table replacing the COCO one
     references: Optional[str] = None  # JSONL {"image_id", "captions"} for BLEU
     save_gt: Optional[str] = None  # write the derived ground truth (JSONL, --gt format)
-    num_beams: int = 5  # §5.1 decoding: beam search, no sampling, raw summed log-probability
-    length_penalty: float = 0.0
 
     def validate(self) -> None:
         if bool(self.annotations) == bool(self.gt):
@@ -264,8 +262,6 @@ class ChairConfig(EvalConfig):
                               field="--gt")
         if self.n < 1:
             raise ConfigError(f"expected a positive number of images, got {self.n}", field="--n")
-        if self.num_beams < 1:
-            raise ConfigError(f"expected at least one beam, got {self.num_beams}", field="--num-beams")
 
 
 @dataclass
@@ -497,10 +493,9 @@ def _answered(answers: Mapping[str, Mapping[str, Any]], uids: Sequence[str], war
 
 def chair_score(data: ChairData, answers: Mapping[str, Mapping[str, Any]], cfg: ChairConfig) -> dict[str, Any]:
     """CHAIR and caption quality over the answered captions (failed ones are left out, with a
-    warning); ``per_sample`` holds the ``chair_per_caption.jsonl`` rows the runner writes."""
+    warning); ``per_sample`` holds the ``chair_per_caption.jsonl`` rows the runner writes. (A backend
+    that cannot beam-search is the runner's warning, with the decoding in ``config.decoding``.)"""
     warnings: list[str] = []
-    if cfg.backend.kind == "openai" or cfg.backend.base_url:
-        warnings.append("beam search needs the hf backend: these captions were decoded greedily")
     raw = _answered(answers, [r["image_id"] for r in data.records], warnings)
     captions = {uid: clean_caption(text) for uid, text in raw.items()}
     chair = chair_scores(captions, data.ground_truth, vocab=data.vocab, unique_mentions=cfg.unique_mentions,
@@ -521,8 +516,12 @@ class _Chair:
     flags = {"--coco-annotations": "annotations", "--annotations": "annotations", "--gt": "gt",
              "--images": "image_root", "--image-root": "image_root", "--exclude": "exclude", "--n": "n",
              "--unique-mentions": "unique_mentions", "--vocab": "vocab", "--references": "references",
-             "--save-gt": "save_gt", "--num-beams": "num_beams", "--length-penalty": "length_penalty"}
+             "--save-gt": "save_gt", "--num-beams": "generation.num_beams",
+             "--length-penalty": "generation.length_penalty"}
     max_new_tokens = 200
+    #: §5.1 decoding where the user sets none: beam search with 5 beams, no sampling, raw summed
+    #: log-probability (length penalty 0); the ``hf`` backend applies it, HTTP servers decode greedily.
+    generation_defaults = {"num_beams": 5, "length_penalty": 0.0}
     #: The file the runner writes ``score(...)["per_sample"]`` to.
     per_sample_file = "chair_per_caption.jsonl"
     load = staticmethod(chair_load)

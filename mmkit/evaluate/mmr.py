@@ -110,11 +110,14 @@ def _check(rec: Record) -> None:
         raise rec.error("id", f"expected level/category/NN (three '/' segments), got {rec['id']!r}")
 
 
-def _image_path(folder: Path, image: str) -> str:
-    """``<folder>/<image>`` or ``<folder>/images/<image>``, whichever exists (the first if neither:
-    the backend then reports the missing file)."""
-    candidates = [folder / image, folder / "images" / image]
-    return str(next((p for p in candidates if p.is_file()), candidates[0]))
+def _image_path(rec: Record, folder: Path, check: bool) -> str:
+    """``<folder>/<image>`` or ``<folder>/images/<image>``, whichever exists; with ``check``, neither
+    is a :class:`DataError` naming the record (without it, e.g. scoring a predictions file, the first)."""
+    candidates = [folder / rec["image"], folder / "images" / rec["image"]]
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None and check:
+        raise rec.error("image", f"image file not found: {candidates[0]} (nor {candidates[1]})")
+    return str(found or candidates[0])
 
 
 def _anomalies(pair: Pair) -> list[dict[str, Any]]:
@@ -152,8 +155,8 @@ def load(cfg: MMRConfig) -> MMRData:
         if len(group) != 2:
             raise group[0].error("id", f"id {pid!r} has one record; every id needs exactly two (POS and NEG)")
         questions = tuple(
-            Question(uid=f"{pid}#{k}", id=pid, image=_image_path(folder, rec["image"]), question=rec["question"],
-                     ground_truth=rec["ground_truth"], question_type=rec["question_type"],
+            Question(uid=f"{pid}#{k}", id=pid, image=_image_path(rec, folder, check=not cfg.predictions),
+                     question=rec["question"], ground_truth=rec["ground_truth"], question_type=rec["question_type"],
                      qhash=qhash(rec["question"]), source=rec.source, line=rec.loc)
             for k, rec in enumerate(group))
         pairs.append(Pair(pid, questions))

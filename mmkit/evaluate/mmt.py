@@ -112,6 +112,11 @@ def load(cfg: MMTConfig) -> Loaded:
         root = Path(cfg.image_root).expanduser() if cfg.image_root else folder / "images"
         records = [Segment(uid=f"{cfg.split}:{i}", reference=r, source=s, image=str(root / img.strip()))
                    for i, (s, r, img) in enumerate(zip(en, zh, images), 1)]
+        if not cfg.predictions:
+            missing = next(((i, s.image) for i, s in enumerate(records, 1) if not Path(s.image).is_file()), None)
+            if missing is not None:
+                raise DataError(f"image file not found: {missing[1]}", file=str(files[2]), line=missing[0],
+                                field="image")
         loaded = Loaded(records=records, path=str(folder), sha256=_files_sha256(files))
     if cfg.limit is not None:
         loaded.records = loaded.records[:cfg.limit]
@@ -148,11 +153,14 @@ def score(data: Loaded, answers: Mapping[str, Mapping[str, Any]], cfg: MMTConfig
 
 
 def score_direct(data: Loaded, cfg: MMTConfig) -> Optional[dict[str, Any]]:
-    """Score ``--hyp`` against ``--ref`` without a model; ``None`` on the generation route."""
+    """Score ``--hyp`` against ``--ref`` without a model (each hypothesis becomes a predictions.jsonl
+    line, uid = its 1-based line number); ``None`` on the generation route."""
     if not cfg.hyp:
         return None
     return {"metrics": _metrics([s.hypothesis for s in data.records], [s.reference for s in data.records]),
-            "per_category": {}, "anomalies": [], "warnings": []}
+            "per_category": {}, "anomalies": [], "warnings": [],
+            "predictions": [{"uid": s.uid, "prediction": s.hypothesis, "parsed": s.hypothesis}
+                            for s in data.records]}
 
 
 class _MMT:

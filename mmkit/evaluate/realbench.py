@@ -294,6 +294,8 @@ class _RealBench:
     config_class = RealBenchConfig
     flags = {"--tasks": "tasks", "--word-f1": "word_f1"}
     max_new_tokens = 64
+    #: every task: a predictions file's lines for tasks ``--tasks`` leaves out are ignored, not extra
+    unfiltered = {"tasks": []}
     load = staticmethod(load)
     prompt = staticmethod(prompt)
     parse = staticmethod(parse)

@@ -218,19 +218,21 @@ def _connector_sha256(cfg: EvalConfig) -> str | None:
 def _write_direct(bench: Benchmark, cfg: EvalConfig, run: RunDir, data: Loaded, scored: Mapping[str, Any],
                   settings: GenerationSettings) -> dict[str, Any]:
     """Results of a route that needs no generation (``score_direct``); its per-sample ``predictions``
-    lines, stamped with ``config_hash`` and ``time``, replace predictions.jsonl atomically."""
+    lines, stamped with ``config_hash`` and ``time``, replace predictions.jsonl atomically and are
+    counted as the answered requests."""
     models = dict(scored.get("models") or {})
     model = models.get("model") or {}
     digest = config_hash(benchmark=bench.name, version=bench.version, data_sha256=data.sha256, model=model,
                          connector_sha256=_connector_sha256(cfg), backend=str(model.get("backend")),
                          settings=settings, default_budget=bench.max_new_tokens, image_mode="none",
                          route=_route(data), seed=cfg.seed)
-    lines = scored.get("predictions")
-    if lines is not None:
+    lines = scored.get("predictions") or []
+    if lines:
         write_jsonl(run / PREDICTIONS, ({"error": None, **line, "config_hash": digest, "time": _now()}
                                         for line in lines))
     return _write(bench, cfg, run, data, scored, models=models,
-                  counts={"records": data.n, "requests": 0, "answered": 0, "failed": 0, "unparsed": 0},
+                  counts={"records": data.n, "requests": len(lines), "answered": len(lines), "failed": 0,
+                          "unparsed": 0},
                   complete=cfg.limit is None, environment=_environment(None), config_hash=digest, decoding=None,
                   warnings=[])
 

@@ -549,15 +549,17 @@ def itm_scores(probes: Sequence[Probe], model_id: str, cfg: SnareConfig) -> tupl
 
 def score_direct(data: SnareData, cfg: SnareConfig) -> Optional[dict[str, Any]]:
     """Score the ``cosine``/``itm`` routes with a local model (no generation); None for the
-    generation routes and for a predictions file (its lines carry the scores)."""
+    generation routes and for a predictions file (its lines carry the scores). Each probe's
+    ``{"uid", "scores", "route"}`` goes to predictions.jsonl (a valid ``--predictions`` file)."""
     from mmkit.core.backends import resolve_kind
 
     if data.route not in DIRECT_ROUTES or resolve_kind(cfg.backend, cfg.predictions) == "predictions":
         return None
     scorer: DirectScorer = DIRECT_SCORERS.resolve(data.route, field="--score")
     scores, model = scorer(data.records, _one_model(cfg), cfg)
-    answers = {p.id: {"uid": p.id, "scores": s.tolist(), "error": None} for p, s in zip(data.records, scores)}
-    return {**score(data, answers, cfg), "models": {"model": model}}
+    answers = {p.id: {"uid": p.id, "scores": s.tolist(), "route": data.route, "error": None}
+               for p, s in zip(data.records, scores)}
+    return {**score(data, answers, cfg), "models": {"model": model}, "predictions": list(answers.values())}
 
 
 class _Snare:

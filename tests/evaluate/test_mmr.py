@@ -49,8 +49,11 @@ def record(pid: str, qtype: str, truth: str = "A", image: str = "img.png", quest
             "ground_truth": truth, "question_type": qtype}
 
 
-def write_mmr(folder: Path, records: list[dict], name: str = "MMR-benchmark.json") -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
+def write_mmr(folder: Path, records: list[dict], name: str = "MMR-benchmark.json", image_dir: str = ".") -> Path:
+    """The records and, under ``folder/image_dir``, a placeholder file for every image they name."""
+    (folder / image_dir).mkdir(parents=True, exist_ok=True)
+    for image in {r["image"] for r in records if "image" in r}:
+        (folder / image_dir / image).write_bytes(b"x")
     (folder / name).write_text(json.dumps(records, indent=1), encoding="utf-8")
     return folder
 
@@ -98,9 +101,7 @@ def test_four_pairs_hand_computed(tmp_path: Path) -> None:
 
 
 def test_uids_prompts_and_image_lookup(tmp_path: Path) -> None:
-    folder = write_mmr(tmp_path, SMALL)
-    (folder / "images").mkdir()
-    (folder / "images" / "img.png").write_bytes(b"x")
+    folder = write_mmr(tmp_path, SMALL, image_dir="images")
     data = load(MMRConfig(data=str(folder)))
     requests = prompt(data, MMRConfig())
     assert [r.uid for r in requests[:2]] == ["attribute/X/01#0", "attribute/X/01#1"]
@@ -313,3 +314,13 @@ def test_duplicate_uid_in_a_predictions_file(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         read_predictions(path, data)
     assert err.value.file == str(path) and err.value.line == 2 and err.value.field == "uid"
+
+
+def test_a_missing_image_names_the_record_unless_a_predictions_file_is_scored(tmp_path: Path) -> None:
+    folder = write_mmr(tmp_path, SMALL)
+    (folder / "img.png").unlink()
+    with pytest.raises(DataError) as err:
+        load(MMRConfig(data=str(folder)))
+    assert err.value.field == "image" and err.value.file.endswith("MMR-benchmark.json") and err.value.line
+    assert "img.png" in str(err.value)
+    assert load(MMRConfig(data=str(folder), predictions="answers.jsonl")).n == 4  # no images needed

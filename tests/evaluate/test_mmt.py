@@ -96,10 +96,18 @@ def threeam(tmp_path: Path) -> Path:
     write(folder / "test.en", ["a dog runs on the grass", "a bank by the river"])
     write(folder / "test.zh", ["一只狗在草地上跑", "河边的银行"])
     write(folder / "images-test.txt", ["cc_1.jpg", "sbu_2.jpg"])
+    touch_images(folder / "images")
     return folder
 
 
+def touch_images(folder: Path, names: tuple[str, ...] = ("cc_1.jpg", "sbu_2.jpg")) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        (folder / name).write_bytes(b"not decoded by load")
+
+
 def test_load_and_prompt(threeam: Path, tmp_path: Path) -> None:
+    touch_images(tmp_path / "img")
     cfg = MMTConfig(data=str(threeam), image_root=str(tmp_path / "img"))
     data = load(cfg)
     requests = prompt(data, cfg)
@@ -138,3 +146,11 @@ def test_layout_errors(threeam: Path) -> None:
     with pytest.raises(DataError) as err:
         load(MMTConfig(data=str(threeam), split="val"))
     assert err.value.file.endswith("val.en")
+
+
+def test_a_missing_image_names_its_line_unless_a_predictions_file_is_scored(threeam: Path) -> None:
+    (threeam / "images" / "sbu_2.jpg").unlink()
+    with pytest.raises(DataError) as err:
+        load(MMTConfig(data=str(threeam)))
+    assert err.value.file.endswith("images-test.txt") and err.value.line == 2 and err.value.field == "image"
+    assert load(MMTConfig(data=str(threeam), predictions="answers.jsonl")).n == 2
