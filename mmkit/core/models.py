@@ -167,12 +167,14 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def resolve_device(device: str) -> str:
-    """``auto`` is ``cuda`` when available, else ``cpu``."""
+    """``auto`` is ``cuda`` when available (``cuda:<LOCAL_RANK>`` under a multi-process launch), else ``cpu``."""
     if device != "auto":
         return device
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    return f"cuda:{os.environ['LOCAL_RANK']}" if "LOCAL_RANK" in os.environ else "cuda"
 
 
 def load_model(

@@ -175,8 +175,8 @@ def run_one(bench: Benchmark, cfg: EvalConfig, run: RunDir) -> dict[str, Any]:
     settings = settings_of(bench, cfg)
     direct = getattr(bench, "score_direct", None)
     scored = direct(data, cfg) if callable(direct) else None
-    if scored is not None:
-        return _write_direct(bench, cfg, run, data, scored, settings)
+    if scored is not None:  # no generation: under a multi-process launch rank 0 writes, the others stop
+        return _write_direct(bench, cfg, run, data, scored, settings) if _shard()[0] == 0 else {}
     requests = _requests(bench, data, cfg)
     backend = open_for(bench, cfg, data, cfg.backend.model[0] if cfg.backend.model else None)
     try:
@@ -187,16 +187,22 @@ def run_one(bench: Benchmark, cfg: EvalConfig, run: RunDir) -> dict[str, Any]:
                              seed=cfg.seed)
         decoding = decoding_of(backend, settings, requests)
         warnings = _decoding_warnings(backend, settings, decoding)
-        preds = _resume(run / PREDICTIONS, digest)
-        pending = [r for r in requests if preds.done.get(r.uid, {}).get("error", "x") is not None]
-        if len(pending) < len(requests):
-            log.info("%d of %d requests already answered in %s", len(requests) - len(pending), len(requests),
-                     run / PREDICTIONS)
-        _answer(bench, backend, pending, settings, preds, digest)
+        rank, world = _shard()
+        mine = requests[rank::world]
+        merged = _resume(run / PREDICTIONS, digest)
+        own = _resume(run / _rank_file(rank), digest) if world > 1 else merged
+        done = {**merged.done, **own.done}
+        pending = [r for r in mine if done.get(r.uid, {}).get("error", "x") is not None]
+        if len(pending) < len(mine):
+            log.info("%d of %d requests already answered in %s", len(mine) - len(pending), len(mine), run)
+        _answer(bench, backend, pending, settings, own, digest)
         device = backend.device
     finally:
         backend.close()
-    answers = {r.uid: preds.done[r.uid] for r in requests if r.uid in preds.done}
+    done = _merge_ranks(run, merged) if world > 1 else merged.done
+    if rank != 0:
+        return {}
+    answers = {r.uid: done[r.uid] for r in requests if r.uid in done}
     failed = sum(1 for r in requests if answers.get(r.uid, {}).get("error", "x") is not None)
     scored = bench.score(data, answers, cfg)
     unparsed = sum(1 for a in answers.values() if a.get("error") is None and a.get("parsed") is None)
@@ -209,6 +215,34 @@ def run_one(bench: Benchmark, cfg: EvalConfig, run: RunDir) -> dict[str, Any]:
     return _write(bench, cfg, run, data, scored, models={"model": model}, counts=counts,
                   complete=failed == 0 and cfg.limit is None, environment=_environment(device), config_hash=digest,
                   decoding=decoding, warnings=warnings)
+
+
+def _shard() -> tuple[int, int]:
+    """(rank, world size) of a multi-process launch (``accelerate launch``, torchrun); (0, 1) otherwise."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _rank_file(rank: int) -> str:
+    return f"predictions.rank{rank}.jsonl"
+
+
+def _merge_ranks(run: RunDir, merged: Predictions) -> dict[str, dict[str, Any]]:
+    """Multi-process runs (evaluate.md §2): after a barrier rank 0 folds every ``predictions.rank<r>.jsonl``
+    into ``predictions.jsonl`` (a rank's newer line wins over an older merged one), replaces it atomically
+    and deletes the rank files; returns the merged lines (empty on other ranks)."""
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+    if _shard()[0] != 0:
+        return {}
+    done = dict(merged.done)
+    parts = sorted(run.path.glob("predictions.rank*.jsonl"))
+    for part in parts:
+        done.update(Predictions(part).done)
+    write_jsonl(run / PREDICTIONS, done.values())
+    for part in parts:
+        part.unlink()
+    return done
 
 
 def _connector_sha256(cfg: EvalConfig) -> str | None:
