@@ -187,3 +187,19 @@ def test_eval_pope_gives_before_and_after_per_split(tiny_llava, samples_file, tm
                 for u in sorted(answers)]
         labels = ["yes", "no", "yes"]
         assert pope["metrics"]["accuracy"] == pytest.approx(100 * sum(a == b for a, b in zip(said, labels)) / 3)
+
+
+def test_the_model_describes_the_images_when_no_responses_are_given(tiny_llava, images, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("efuf", "--model", tiny_llava, "--images", str(images), "--device", "cpu",
+                    "--num-responses", "2", "--set", "max_new_tokens=6",
+                    "--stop-after", "responses", "--out", str(out), "--json")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(ln) for ln in (out / "responses.jsonl").read_text().splitlines()]
+    metrics = json.loads(result.stdout)["metrics"]
+    n_images = len(list(images.glob("*.jpg")))
+    # two sampled descriptions per image, empty ones dropped and counted
+    assert len(lines) + metrics["n_dropped"]["empty_responses"] == 2 * n_images == 8
+    assert metrics["n_responses"] == len(lines)
+    assert {ln["image"] for ln in lines} <= {p.name for p in images.glob("*.jpg")}
+    assert all(ln["response"] and "\n" not in ln["response"] for ln in lines)
