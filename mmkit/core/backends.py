@@ -15,6 +15,7 @@ backend uses the standard library only.
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import hashlib
 import io
@@ -480,10 +481,8 @@ def parse_retry_after(value: str | None) -> float | None:
     """``Retry-After`` in seconds (a number or an HTTP date), or None."""
     if not value:
         return None
-    try:
+    with contextlib.suppress(ValueError):
         return max(0.0, float(value))
-    except ValueError:
-        pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
