@@ -325,6 +325,11 @@ class LossPlan:
     def att_pairs(self) -> list[tuple[int, int]]:
         return list(zip(range(1, len(self.layer_map) + 1), self.layer_map)) if self.att_mode != "off" else []
 
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any enabled term reads teacher targets (CE alone does not)."""
+        return any(self.weights[k] for k in ("kd", *TOKEN_TERMS))
+
     def teacher_hidden_layers(self) -> list[int]:
         return sorted({m for _, m in self.hidden_pairs if self.weights["hid"]}
                       | {m for _, m in self.cca_pairs if self.weights["cca"]})
@@ -688,6 +693,8 @@ def teacher_source(cfg: BertKdConfig, setup: Setup) -> tuple[Callable, str, Teac
     """Live or cached teacher targets and the cache status (``hit``, ``built``, ``disabled: why``)."""
     live = TeacherTargets(setup.models.teacher, setup.plan, prefix="" if setup.shared_tokens else "teacher_",
                           dtype=cfg.cache.dtype)
+    if not setup.plan.needs_teacher:
+        return lambda batch: {}, "disabled: no loss term needs the teacher", live
     collate = textcls.Collate(setup.t_train, setup.train_set.labels)
     m = setup.models
     reader, status = open_cache(

@@ -218,6 +218,17 @@ def test_teacher_cache_one_pass_then_no_teacher_and_losses_equal_live(teacher, t
             assert float(got[name]) == pytest.approx(float(reference[name]), rel=tol, abs=1e-7), name
 
 
+def test_ce_alone_never_runs_the_teacher(teacher, task, student, tmp_path):
+    zero = {f"loss.{k}.weight": 0 for k in ("kd", "hidden", "attention", "cca")}
+    cfg = make_config(teacher, task, student, **zero, **{"cache.mode": "auto", "cache.dir": str(tmp_path)})
+    setup = bert_kd.prepare(cfg, None)
+    calls = []
+    setup.models.teacher.register_forward_hook(lambda *args: calls.append(1))
+    source, status, _ = bert_kd.teacher_source(cfg, setup)
+    assert status.startswith("disabled") and source(first_batch(setup)) == {}
+    assert calls == [] and not any(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------- end to end
 
 
