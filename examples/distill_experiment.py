@@ -4,8 +4,10 @@ On ``builtin:sharegpt-match`` (2,000 train / 500 test ShareGPT question/answer p
 
 1. T6: all-MiniLM-L6-v2 (``bundled:minilm``) fine-tuned as a classifier (bert-kd fine-tunes a
    teacher without a head first; its ``teacher_finetune/model`` is reused by every later run);
-2. T3: the first 3 layers of MiniLM fine-tuned with CE alone (a bert-kd run with every KD weight 0);
-3. 2-layer students, all initialised from the first 2 layers of MiniLM, for each seed:
+2. T3: T6's embeddings, layers [2, 4, 6], pooler and head (``student.init: teacher_layers``),
+   trained with CE alone (a bert-kd run with every KD weight 0); both teachers train ``--teacher-epochs``;
+3. 2-layer students, all starting from the same weights (``OUT/s2-init``: T6's embeddings, layers
+   [3, 6] (the uniform map), pooler and head, saved once), trained ``--epochs``, for each seed:
    ``ce`` (no KD), ``kd-t6`` / ``kd-cca-t6`` (KD without / with the CCA term, teacher T6),
    ``kd-t3`` / ``kd-cca-t3`` (the same from T3) and ``pesf-t6`` (PESF-KD from T6).
 
@@ -15,6 +17,8 @@ seeds, CCA/CKA of the mapped layers before and after) goes to OUT/summary.json a
 OUT/summary.md; the CCA heatmaps of the seed-0 runs are in each run folder.
 
     python examples/distill_experiment.py [--out runs/distill-exp] [--seeds 0,1,2] [--epochs 3] [--jobs 2]
+
+Set OMP_NUM_THREADS=1 with ``--jobs 2`` on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -52,35 +56,51 @@ def run(cmd: list[str], out: Path) -> dict:
     return json.loads(results.read_text())
 
 
+def cut_student(teacher: str, layers: list[int], out: Path) -> str:
+    """Save the teacher with only ``layers`` (1-based) as a model folder every student starts from."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    if not (out / "config.json").is_file():
+        model = AutoModelForSequenceClassification.from_pretrained(teacher)
+        kept = [model.base_model.encoder.layer[m - 1] for m in layers]
+        model.base_model.encoder.layer = type(model.base_model.encoder.layer)(kept)
+        model.config.num_hidden_layers = len(kept)
+        model.save_pretrained(out)
+        AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
+    return str(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/distill-exp")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-len", type=int, default=96)
+    parser.add_argument("--teacher-epochs", type=int, default=2)
+    parser.add_argument("--max-len", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--jobs", type=int, default=1, help="student runs at a time")
     args = parser.parse_args()
     out, seeds = Path(args.out), [int(s) for s in args.seeds.split(",")]
-    common = [*TASK, "--max-len", str(args.max_len), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
-              "--epochs", str(args.epochs)]
+    common = [*TASK, "--max-len", str(args.max_len), "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
     diag = ["--set", "diagnostic.metrics=[cca,cka]", "--set", "diagnostic.max_examples=500"]
-    student = ["--student", "bundled:minilm", "--student-layers"]
 
-    # 1. T6 (fine-tuned by the first bert-kd run) and 2. T3 (CE on MiniLM's first 3 layers).
-    t6_run = run(["distill", "bert-kd", "--teacher", "bundled:minilm", *student, "3", *common, *KD_OFF,
-                  "--set", "teacher.finetune=true", "--set", f"teacher.train.epochs={args.epochs}",
+    # 1. T6 (fine-tuned by the first bert-kd run) and 2. T3 (CE on T6's layers 2, 4, 6).
+    t6_run = run(["distill", "bert-kd", "--teacher", "bundled:minilm", "--student-layers", "3",
+                  "--set", "student.init=teacher_layers", *common, "--epochs", str(args.teacher_epochs), *KD_OFF,
+                  "--set", "teacher.finetune=true", "--set", f"teacher.train.epochs={args.teacher_epochs}",
                   "--set", f"teacher.train.lr={args.lr}", "--set", f"teacher.train.batch_size={args.batch_size}",
                   "--set", "diagnostic.enabled=false", "--seed", "0"], out / "t3")
     teachers = {"t6": str(out / "t3" / "teacher_finetune" / "model"), "t3": str(out / "t3" / "checkpoint")}
     acc = {"t6": t6_run["metrics"]["teacher"]["accuracy"], "t3": t6_run["metrics"]["student"]["accuracy"]}
 
-    # 3. the students.
+    # 3. the students, all from T6's layers 3 and 6.
+    init = cut_student(teachers["t6"], [3, 6], out / "s2-init")
     jobs = {}
     for name, (teacher, extra) in STUDENTS.items():
         for seed in seeds:
-            base = ["--teacher", teachers[teacher], *student, "2", *common, "--seed", str(seed)]
+            base = ["--teacher", teachers[teacher], "--student", init, *common, "--epochs", str(args.epochs),
+                    "--seed", str(seed)]
             method = ["distill", "pesf"] if extra is None else ["distill", "bert-kd", *extra, *diag]
             jobs[name, seed] = ([*method, *base], out / f"{name}-s{seed}")
     with ThreadPoolExecutor(args.jobs) as pool:
