@@ -402,6 +402,12 @@ def report(args: argparse.Namespace, info: str, facts: dict[str, Any], res: dict
         lines.append(f"- Cache for {label}: built once in {build['seconds']:.1f} s ({args.examples} examples, "
                      f"{build['mb']:.1f} MB: {build['targets']}; the build includes hashing the teacher's weights "
                      f"for the key); reading one epoch's targets back takes {res['reads'][row]:.3f} s.")
+    lines.append("- Why the spec-defaults row misses 1.10 with a cache that costs almost nothing to read: the extra "
+                 "time is the student's own loss arithmetic, which no cache removes. Per mapped layer and N tokens "
+                 "of width d, the CCA term's Gram products (X^T X, X^T Y, Y^T Y forward, two more backward) are "
+                 "about 10 N d^2 flops and its d x d SVD comes on top, against about 72 N d^2 for the layer's "
+                 "own forward and backward (12 d^2 multiply-adds per token, three passes): some 14 % per layer "
+                 "before the SVD; attention transfer needs the eager maps and their backward.")
     return lines
 
 
