@@ -1,6 +1,8 @@
-"""Slow real-model smoke test of mmkit/distill/bert_kd.py: the quickstart's bert-kd job
-(examples/quickstart.sh: the same flags, on 200 instead of 400 training rows to stay near a
-minute on one thread) with all-MiniLM-L6-v2 and a ShareGPT matching set, through the CLI."""
+"""Slow real-model tests of mmkit/distill/bert_kd.py through the CLI, with all-MiniLM-L6-v2 and a
+ShareGPT matching set: distill.md §1.7 "small real" (a MiniLM teacher fine-tuned on the matching
+set, a student of 3 copied layers with mse attention and a random width-192, 6-head student with
+relation attention). The first run is the quickstart's bert-kd job (examples/quickstart.sh: a
+teacher without a head fine-tuned first, copied layers) on 400 rows with 3 layers instead of 2."""
 
 from __future__ import annotations
 
@@ -13,40 +15,6 @@ from mmkit.cli import build_app
 from mmkit.distill import sharegpt_match
 
 
-@pytest.mark.slow
-def test_quickstart_bert_kd_job_fine_tunes_minilm_and_saves_a_loadable_student(minilm_path, sharegpt_available,
-                                                                               tmp_path):
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    sharegpt_match.build(tmp_path / "match", train=200, test=100)
-    out = tmp_path / "bert-kd"
-    result = CliRunner().invoke(build_app(), [
-        "distill", "bert-kd", "--teacher", minilm_path, "--student-init", "teacher_layers", "--student-layers", "2",
-        "--task", str(tmp_path / "match" / "train.jsonl"), "--eval-data", str(tmp_path / "match" / "test.jsonl"),
-        "--epochs", "1", "--batch-size", "16", "--lr", "1e-4", "--max-len", "48", "--set", "teacher.finetune=auto",
-        "--set", "teacher.train.epochs=1", "--set", "teacher.train.batch_size=16", "--set", "teacher.train.lr=1e-4",
-        "--set", "diagnostic.metrics=[cca,cka]", "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    metrics = json.loads(result.stdout[result.stdout.index("{"):])["metrics"]
-    assert metrics["teacher_finetune"]["steps"] == 13 and metrics["steps"] == 13  # 200 rows / 16, one epoch
-    assert metrics["layer_map"] == [3, 6] and metrics["eval_examples"] == 100
-    assert 0 <= metrics["student"]["accuracy"] <= 100 and set(metrics["cca_mapped_mean_after"]) == {"cca", "cka"}
-    assert (out / "teacher_finetune" / "model" / "config.json").is_file()
-
-    student = AutoModelForSequenceClassification.from_pretrained(out / "checkpoint")
-    tokenizer = AutoTokenizer.from_pretrained(out / "checkpoint")
-    assert student.config.num_hidden_layers == 2 and student.config.num_labels == 2
-    assert student.config.hidden_size == 384
-    with torch.inference_mode():
-        logits = student(**tokenizer(["how do I sort a list?"], ["use sorted()"], return_tensors="pt")).logits
-    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
-
-
-# distill.md §1.7 "small real": a MiniLM teacher fine-tuned on the matching set, a student of 3 copied
-# layers (mse attention) and a random width-192, 6-head student (relation attention).
-
-
 def _invoke(args: list[str]) -> dict:
     result = CliRunner().invoke(build_app(), [*args, "--json"])
     assert result.exit_code == 0, result.output
@@ -55,7 +23,8 @@ def _invoke(args: list[str]) -> dict:
 
 @pytest.fixture(scope="module")
 def copied_layers_run(minilm_path, sharegpt_available, tmp_path_factory):
-    """One run: MiniLM fine-tuned on 400 rows (2 epochs), then 3 copied layers distilled (2 epochs)."""
+    """One run: MiniLM (no head: ``teacher.finetune: auto`` fine-tunes it) on 400 rows for 2 epochs,
+    then 3 copied layers distilled for 2 epochs."""
     root = tmp_path_factory.mktemp("small-real")
     sharegpt_match.build(root / "match", train=400, test=200)
     out = root / "copied"
@@ -64,7 +33,7 @@ def copied_layers_run(minilm_path, sharegpt_available, tmp_path_factory):
               "--set", "diagnostic.metrics=[cca]"]
     results = _invoke(["distill", "bert-kd", "--teacher", minilm_path, "--student-init", "teacher_layers",
                        "--student-layers", "3", *common, "--epochs", "2", "--lr", "1e-4",
-                       "--set", "teacher.finetune=true", "--set", "teacher.train.epochs=2",
+                       "--set", "teacher.finetune=auto", "--set", "teacher.train.epochs=2",
                        "--set", "teacher.train.batch_size=16", "--set", "teacher.train.lr=1e-4", "--out", str(out)])
     return root, common, results
 
@@ -78,6 +47,25 @@ def test_small_real_copied_layers_student_beats_the_baseline_and_moves_towards_t
     majority = 100 * max(labels.count(0), labels.count(1)) / len(labels)
     assert metrics["teacher"]["accuracy"] > majority and metrics["student"]["accuracy"] > majority
     assert metrics["cca_mapped_mean_after"]["cca"] > metrics["cca_mapped_mean_before"]["cca"]
+
+
+@pytest.mark.slow
+def test_small_real_run_fine_tuned_the_teacher_and_saved_a_loadable_student(copied_layers_run):
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    root, _, results = copied_layers_run
+    metrics = results["metrics"]
+    assert metrics["teacher_finetune"]["steps"] == 50 and metrics["steps"] == 50  # 400 rows / 16, two epochs
+    assert metrics["eval_examples"] == 200 and set(metrics["cca_mapped_mean_after"]) == {"cca"}
+    assert (root / "copied" / "teacher_finetune" / "model" / "config.json").is_file()
+    student = AutoModelForSequenceClassification.from_pretrained(root / "copied" / "checkpoint")
+    tokenizer = AutoTokenizer.from_pretrained(root / "copied" / "checkpoint")
+    assert student.config.num_hidden_layers == 3 and student.config.num_labels == 2
+    assert student.config.hidden_size == 384
+    with torch.inference_mode():
+        logits = student(**tokenizer(["how do I sort a list?"], ["use sorted()"], return_tensors="pt")).logits
+    assert logits.shape == (1, 2) and torch.isfinite(logits).all()
 
 
 @pytest.mark.slow
@@ -96,18 +84,18 @@ def test_small_real_teacher_against_itself_has_a_unit_cca_diagonal(copied_layers
 
 @pytest.mark.slow
 def test_small_real_random_narrow_student_moves_towards_the_teacher_with_relation_attention(copied_layers_run):
-    """Random weights, 192 wide, 6 heads, 2 layers: in this budget it stays at the 50 % baseline (seen: 50.0),
+    """Random weights, 192 wide, 6 heads, 2 layers: in this budget it stays at the 50 % baseline (seen: 50.0 after 3 epochs),
     so its accuracy is not asserted; its token-level terms fall and its mapped CCA rises."""
     root, common, _ = copied_layers_run
     teacher = str(root / "copied" / "teacher_finetune" / "model")
     results = _invoke(["distill", "bert-kd", "--teacher", teacher, "--student-init", "config", "--student-layers", "2",
                        "--set", "student.config.hidden_size=192", "--set", "student.config.num_attention_heads=6",
                        "--set", "student.config.intermediate_size=768", "--set", "loss.attention.mode=relation",
-                       *common, "--epochs", "3", "--lr", "5e-4", "--out", str(root / "narrow")])
+                       *common, "--epochs", "2", "--lr", "5e-4", "--out", str(root / "narrow")])
     metrics = results["metrics"]
     assert metrics["attention_mode"] == "relation" and metrics["params"]["ratio"] < 0.5
     assert metrics["cca_mapped_mean_after"]["cca"] > metrics["cca_mapped_mean_before"]["cca"]
     log = [json.loads(line) for line in (root / "narrow" / "train_log.jsonl").read_text().splitlines()]
-    first, last = ([r for r in log if "kd" in r and r["epoch"] == e] for e in (0, 2))
+    first, last = ([r for r in log if "kd" in r and r["epoch"] == e] for e in (0, 1))
     for term in ("att", "hid"):
         assert sum(r[term] for r in last) / len(last) < sum(r[term] for r in first) / len(first), term
