@@ -60,12 +60,10 @@ def cut_student(teacher: str, layers: list[int], out: Path) -> str:
     """Save the teacher with only ``layers`` (1-based) as a model folder every student starts from."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from mmkit.distill.bert_kd import keep_layers
+
     if not (out / "config.json").is_file():
-        model = AutoModelForSequenceClassification.from_pretrained(teacher)
-        kept = [model.base_model.encoder.layer[m - 1] for m in layers]
-        model.base_model.encoder.layer = type(model.base_model.encoder.layer)(kept)
-        model.config.num_hidden_layers = len(kept)
-        model.save_pretrained(out)
+        keep_layers(AutoModelForSequenceClassification.from_pretrained(teacher), layers).save_pretrained(out)
         AutoTokenizer.from_pretrained(teacher).save_pretrained(out)
     return str(out)
 

@@ -529,6 +529,15 @@ class Models:
     finetune: dict[str, Any] | None = None
 
 
+def keep_layers(teacher: nn.Module, layers: Sequence[int]) -> nn.Module:
+    """A copy of ``teacher`` with only encoder ``layers`` (1-based), its embeddings, pooler and head."""
+    model = copy.deepcopy(teacher)  # one copy, so every layer keeps sharing the copy's config
+    copied = encoder_layers(model)
+    model.base_model.encoder.layer = nn.ModuleList(copied[m - 1] for m in layers)
+    model.config.num_hidden_layers = len(layers)
+    return model
+
+
 def build_student(cfg: BertKdConfig, teacher: nn.Module, teacher_tokenizer: Any, data: textcls.TextClsSet,
                   eager: bool) -> tuple[nn.Module, Any, dict[str, Any]]:
     """The student by ``student.init`` (§1.2): ``pretrained`` (first N layers of --student, a new
@@ -554,10 +563,7 @@ def build_student(cfg: BertKdConfig, teacher: nn.Module, teacher_tokenizer: Any,
     elif sc.init == "teacher_layers":
         t_layers = encoder_layers(teacher)
         layer_map = resolve_layer_map(cfg.layer_map, sc.num_layers, len(t_layers))
-        model = copy.deepcopy(teacher)  # one copy, so every layer keeps sharing the copy's config
-        copied = encoder_layers(model)
-        model.base_model.encoder.layer = nn.ModuleList(copied[m - 1] for m in layer_map)
-        model.config.num_hidden_layers = sc.num_layers
+        model = keep_layers(teacher, layer_map)
         if eager:
             model.set_attn_implementation("eager")
         tokenizer, record = teacher_tokenizer, {"id": f"teacher layers {layer_map}", "revision": None}

@@ -84,8 +84,8 @@ def test_small_real_teacher_against_itself_has_a_unit_cca_diagonal(copied_layers
 
 @pytest.mark.slow
 def test_small_real_random_narrow_student_moves_towards_the_teacher_with_relation_attention(copied_layers_run):
-    """Random weights, 192 wide, 6 heads, 2 layers: in this budget it stays at the 50 % baseline (seen: 50.0 after 3 epochs),
-    so its accuracy is not asserted; its token-level terms fall and its mapped CCA rises."""
+    """Random weights, 192 wide, 6 heads, 2 layers: in this budget it stays at the 50 % baseline (seen:
+    50.0 after 3 epochs), so its accuracy is not asserted; its token-level terms fall and its CCA rises."""
     root, common, _ = copied_layers_run
     teacher = str(root / "copied" / "teacher_finetune" / "model")
     results = _invoke(["distill", "bert-kd", "--teacher", teacher, "--student-init", "config", "--student-layers", "2",
